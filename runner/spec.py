@@ -48,6 +48,7 @@ class ModelSpec(Strict):
     pretrained: bool = False  # load weights (path/hub) instead of a fresh initialisation
     overrides: dict[str, int | bool] = {}  # change preset fields: layers, hidden, vocab_size, ...
     tokenizer: str | None = None  # a directory or hub id; default: the model's, else BPE trained on the data
+    shape: str | None = None  # a preset whose shape the planner uses when a hub config cannot be read offline
 
     @model_validator(mode="before")
     @classmethod
@@ -513,9 +514,14 @@ def resolve_shape(job: Job) -> presets.ModelShape:
             raise job.error(("model", "path"), f"cannot read {directory / 'config.json'}: {exc}") from None
     else:
         shape = _shape_from_hub_cache(model.hub)
+        if shape is None and model.shape:
+            shape = presets.lookup_preset(model.shape)
+            if shape is None:
+                raise job.error(("model", "shape"), f"unknown preset {model.shape!r}",
+                                hint="presets: " + ", ".join(presets.preset_names()))
         if shape is None:
             raise job.error(("model", "hub"), f"cannot read the config of {model.hub!r} (not cached and hub unreachable)",
-                            hint="download it once, or point model.path at a local copy")
+                            hint="download it once, point model.path at a local copy, or set model.shape to a preset")
     try:
         return presets.with_overrides(shape, dict(model.overrides))
     except TypeError as exc:
