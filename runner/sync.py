@@ -1,0 +1,487 @@
+"""Bring a remote run directory home incrementally, and send data files to a host once.
+
+``pull`` lists the remote run directory over SFTP without following links and
+decides what to move:
+
+- checkpoint files are driven by the trainer's ``checkpoints/*/manifest.json``
+  (relative path, size, sha256): a file moves only when the local copy is
+  missing or differs, lands as ``.NAME.partial``, resumes from the partial's
+  size after an interruption, and is renamed into place only once its sha256
+  matches. The local manifest is written last, so a local checkpoint directory
+  with a manifest is complete and verified;
+- append-only files (logs, ``*.jsonl``) are fetched from the local byte offset on;
+- other files move when their size or mtime changed.
+
+Symlinks, special files and any path that would leave the run directory are
+refused, on both sides, and reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import paramiko
+
+from runner import ssh
+from runner.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+CHECKPOINTS_DIR = "checkpoints"
+APPEND_ONLY_SUFFIXES = (".log", ".jsonl", ".out", ".err")
+PARTIAL_SUFFIX = ".partial"
+# SFTP reads of up to 255 KiB (OpenSSH's sftp-server limit), many in flight.
+READ_REQUEST_BYTES = 255 * 1024
+READS_IN_FLIGHT = 64
+WRITE_BUFFER_BYTES = 4 * 2**20
+TAIL_CHECK_BYTES = 4096  # compared before appending, so a rewritten log is refetched instead
+DATA_CACHE_DIR = ".cache/runner/data"  # relative to the remote home
+
+
+class UnsafePath(ValueError):
+    """A path that is absolute, climbs out with '..', or is otherwise not a plain relative path."""
+
+
+def safe_relpath(path: str) -> str:
+    """Check that a path is a plain relative path inside its directory, and return it normalized.
+
+    Refuses empty paths, absolute paths, '..' components, backslashes, NUL and
+    other control characters, instead of trying to repair them.
+    """
+    if not isinstance(path, str) or not path:
+        raise UnsafePath("empty path")
+    if any(ord(c) < 32 or c == "\x7f" for c in path):
+        raise UnsafePath(f"control character in path {path!r}")
+    if "\\" in path:
+        raise UnsafePath(f"backslash in path {path!r}")
+    if path.startswith("/") or path.startswith("~"):
+        raise UnsafePath(f"absolute path {path!r}")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts:
+        raise UnsafePath(f"path {path!r} names the directory itself")
+    if ".." in parts:
+        raise UnsafePath(f"path {path!r} contains '..'")
+    return "/".join(parts)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One file of a checkpoint: path relative to the checkpoint directory, size, sha256."""
+
+    path: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    entries: tuple[ManifestEntry, ...]
+
+
+def parse_manifest(text: str | bytes, *, where: str = MANIFEST_NAME) -> Manifest:
+    """Parse a checkpoint manifest: ``{"files": [{"path", "size", "sha256"}, ...]}``.
+
+    Raises UserError naming the file for anything malformed or unsafe.
+    """
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"manifest is not valid JSON: {exc}", file=where) from None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        raise UserError("manifest needs a 'files' list", file=where)
+    entries: list[ManifestEntry] = []
+    seen: set[str] = set()
+    for i, item in enumerate(files):
+        field_name = f"files[{i}]"
+        if not isinstance(item, dict):
+            raise UserError("each file entry must be an object", file=where, field=field_name)
+        path, size, digest = item.get("path"), item.get("size"), item.get("sha256")
+        try:
+            path = safe_relpath(path)
+        except UnsafePath as exc:
+            raise UserError(f"refused: {exc}", file=where, field=f"{field_name}.path") from None
+        if path == MANIFEST_NAME:
+            raise UserError("a manifest cannot list itself", file=where, field=f"{field_name}.path")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise UserError(f"size must be a non-negative integer, got {size!r}", file=where,
+                            field=f"{field_name}.size")
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+            raise UserError(f"sha256 must be 64 hex digits, got {digest!r}", file=where,
+                            field=f"{field_name}.sha256")
+        if path in seen:
+            raise UserError(f"{path!r} is listed twice", file=where, field=f"{field_name}.path")
+        seen.add(path)
+        entries.append(ManifestEntry(path, size, digest.lower()))
+    return Manifest(tuple(entries))
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class Refusal:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one sync did."""
+
+    moved: tuple[str, ...]  # run-relative paths that were (partly) transferred
+    bytes_moved: int
+    skipped: int  # files already up to date
+    refused: tuple[Refusal, ...]
+    complete_checkpoints: tuple[str, ...]  # checkpoint dirs verified complete locally
+    pending: tuple[str, ...]  # files not moved yet: checkpoints still being written
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
+
+
+@dataclass
+class _Tally:
+    moved: list[str] = field(default_factory=list)
+    bytes_moved: int = 0
+    skipped: int = 0
+    refused: list[Refusal] = field(default_factory=list)
+    complete: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- local side
+
+
+def _local_target(local_root: Path, rel: str) -> Path:
+    """The local path for a run-relative path, refusing symlinks on the way and escapes."""
+    rel = safe_relpath(rel)
+    path = local_root
+    for part in rel.split("/"):
+        path = path / part
+        if path.is_symlink():
+            raise UnsafePath(f"local {path} is a symlink")
+    resolved = path.resolve()
+    if resolved != local_root.resolve() and local_root.resolve() not in resolved.parents:
+        raise UnsafePath(f"{rel!r} resolves outside the local run directory")
+    return path
+
+
+def _partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- remote reads
+
+
+def _fetch_range(sftp: paramiko.SFTPClient, remote: str, dest, start: int, end: int, hasher=None) -> int:
+    """Copy bytes [start, end) of a remote file into an open local file, many reads in flight."""
+    if end <= start:
+        return 0
+    with sftp.open(remote, "rb") as f:
+        f.MAX_REQUEST_SIZE = READ_REQUEST_BYTES
+        chunks = []
+        offset = start
+        while offset < end:
+            n = min(READ_REQUEST_BYTES, end - offset)
+            chunks.append((offset, n))
+            offset += n
+        copied = 0
+        buffer = bytearray()
+        for data in f.readv(chunks, READS_IN_FLIGHT):
+            buffer += data
+            if len(buffer) >= WRITE_BUFFER_BYTES:
+                copied += _write(dest, buffer, hasher)
+                buffer = bytearray()
+        copied += _write(dest, buffer, hasher)
+    if copied != end - start:
+        raise EOFError(f"{remote}: expected {end - start} bytes, got {copied} (file shrank?)")
+    return copied
+
+
+def _write(dest, data: bytearray, hasher) -> int:
+    if data:
+        dest.write(data)
+        if hasher is not None:
+            hasher.update(data)
+    return len(data)
+
+
+# --------------------------------------------------------------------------- pull
+
+
+@dataclass(frozen=True)
+class _RemoteFile:
+    rel: str
+    size: int
+    mtime: int
+
+
+def _list_remote(sftp: paramiko.SFTPClient, remote_root: str, tally: _Tally) -> dict[str, _RemoteFile]:
+    files: dict[str, _RemoteFile] = {}
+    for rel, attrs in ssh.walk(sftp, remote_root):
+        mode = attrs.st_mode or 0
+        try:
+            rel = safe_relpath(rel)
+        except UnsafePath as exc:
+            tally.refused.append(Refusal(rel, str(exc)))
+            continue
+        if stat.S_ISLNK(mode):
+            tally.refused.append(Refusal(rel, "remote symlink (not followed)"))
+        elif stat.S_ISREG(mode):
+            if not PurePosixPath(rel).name.endswith(PARTIAL_SUFFIX):
+                files[rel] = _RemoteFile(rel, attrs.st_size or 0, int(attrs.st_mtime or 0))
+        elif not stat.S_ISDIR(mode):
+            tally.refused.append(Refusal(rel, "not a regular file"))
+    return files
+
+
+def _checkpoint_dir(rel: str) -> str | None:
+    """The checkpoint directory ``checkpoints/NAME`` a run-relative path lies in, if any."""
+    parts = rel.split("/")
+    if len(parts) >= 3 and parts[0] == CHECKPOINTS_DIR:
+        return f"{parts[0]}/{parts[1]}"
+    return None
+
+
+def pull(conn: ssh.Connection, remote_dir: str, local_dir: Path) -> SyncReport:
+    """Bring a remote run directory home: only what is new or changed moves; see the module doc.
+
+    ``remote_dir`` is absolute or relative to the remote home. Reconnects and
+    resumes if the link drops; raises ConnectionLost if it stays down.
+    """
+    started = time.monotonic()
+    local_dir.mkdir(parents=True, exist_ok=True)
+    tally = _Tally()
+    done: set[str] = set()  # what earlier attempts finished, so a retry does not count it twice
+
+    def attempt(c: ssh.Connection) -> None:
+        _pull_once(c.sftp(), remote_dir.rstrip("/") or "/", local_dir, tally, done)
+
+    conn.retrying(attempt)
+    return SyncReport(
+        moved=tuple(dict.fromkeys(tally.moved)),
+        bytes_moved=tally.bytes_moved,
+        skipped=tally.skipped,
+        refused=tuple(dict.fromkeys(tally.refused)),
+        complete_checkpoints=tuple(sorted(set(tally.complete))),
+        pending=tuple(sorted(set(tally.pending))),
+        wall_s=time.monotonic() - started,
+    )
+
+
+def _pull_once(sftp: paramiko.SFTPClient, remote_root: str, local_root: Path, tally: _Tally,
+               done: set[str]) -> None:
+    tally.refused.clear()
+    tally.pending.clear()
+    files = _list_remote(sftp, remote_root, tally)
+    checkpoint_dirs = {d for rel in files if (d := _checkpoint_dir(rel))}
+    governed: set[str] = set()
+    for ckpt in sorted(checkpoint_dirs):
+        manifest_rel = f"{ckpt}/{MANIFEST_NAME}"
+        in_dir = [rel for rel in files if rel.startswith(ckpt + "/")]
+        governed.update(in_dir)
+        if manifest_rel not in files:
+            tally.pending.extend(in_dir)
+            continue
+        _pull_checkpoint(sftp, remote_root, local_root, ckpt, files, tally, done)
+    for rel in sorted(set(files) - governed):
+        if rel in done:
+            continue
+        _pull_plain(sftp, remote_root, local_root, files[rel], tally)
+        done.add(rel)
+
+
+def _pull_checkpoint(sftp, remote_root: str, local_root: Path, ckpt: str, files: dict[str, _RemoteFile],
+                     tally: _Tally, done: set[str]) -> None:
+    manifest_rel = f"{ckpt}/{MANIFEST_NAME}"
+    with sftp.open(f"{remote_root}/{manifest_rel}", "rb") as f:
+        manifest_bytes = f.read()
+    try:
+        manifest = parse_manifest(manifest_bytes, where=manifest_rel)
+    except UserError as exc:
+        tally.refused.append(Refusal(manifest_rel, exc.render()))
+        return
+    try:
+        local_manifest = _local_target(local_root, manifest_rel)
+    except UnsafePath as exc:
+        tally.refused.append(Refusal(manifest_rel, str(exc)))
+        return
+    already = local_manifest.is_file() and local_manifest.read_bytes() == manifest_bytes
+    verified = True
+    for entry in manifest.entries:
+        rel = f"{ckpt}/{entry.path}"
+        if rel in done:
+            continue
+        remote = files.get(rel)
+        if remote is None:
+            tally.refused.append(Refusal(rel, "listed in the manifest but not a regular file in the run "
+                                              "directory (missing, or behind a symlink)"))
+            verified = False
+            continue
+        if remote.size != entry.size_bytes:
+            tally.pending.append(rel)  # still being written, or replaced: try again next time
+            verified = False
+            continue
+        try:
+            local = _local_target(local_root, rel)
+        except UnsafePath as exc:
+            tally.refused.append(Refusal(rel, str(exc)))
+            verified = False
+            continue
+        if local.is_file() and local.stat().st_size == entry.size_bytes and (
+                already or _sha256_file(local) == entry.sha256):
+            tally.skipped += 1
+            done.add(rel)
+            continue
+        if not _fetch_verified(sftp, f"{remote_root}/{rel}", local, entry, tally):
+            tally.refused.append(Refusal(rel, "sha256 does not match the manifest"))
+            verified = False
+            continue
+        tally.moved.append(rel)
+        done.add(rel)
+    if not verified:
+        return
+    if not already:
+        tmp = _partial_path(local_manifest)
+        tmp.write_bytes(manifest_bytes)
+        os.replace(tmp, local_manifest)
+        tally.moved.append(manifest_rel)
+        tally.bytes_moved += len(manifest_bytes)
+    else:
+        tally.skipped += 1
+    tally.complete.append(ckpt)
+    done.add(manifest_rel)
+
+
+def _fetch_verified(sftp, remote: str, local: Path, entry: ManifestEntry, tally: _Tally) -> bool:
+    """Fetch into the partial file (resuming it), check the sha256, rename into place."""
+    partial = _partial_path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if partial.is_symlink():
+        partial.unlink()
+    have = partial.stat().st_size if partial.is_file() else 0
+    if have > entry.size_bytes:
+        partial.unlink()
+        have = 0
+    hasher = hashlib.sha256()
+    if have:
+        with open(partial, "rb") as f:
+            while chunk := f.read(4 * 2**20):
+                hasher.update(chunk)
+    with open(partial, "ab") as dest:
+        tally.bytes_moved += _fetch_range(sftp, remote, dest, have, entry.size_bytes, hasher)
+    if hasher.hexdigest() != entry.sha256:
+        partial.unlink()
+        return False
+    os.replace(partial, local)
+    return True
+
+
+def _pull_plain(sftp, remote_root: str, local_root: Path, remote: _RemoteFile, tally: _Tally) -> None:
+    try:
+        local = _local_target(local_root, remote.rel)
+    except UnsafePath as exc:
+        tally.refused.append(Refusal(remote.rel, str(exc)))
+        return
+    remote_path = f"{remote_root}/{remote.rel}"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    have = local.stat().st_size if local.is_file() else 0
+    if local.exists() and not local.is_file():
+        tally.refused.append(Refusal(remote.rel, "local path exists and is not a regular file"))
+        return
+    if remote.rel.endswith(APPEND_ONLY_SUFFIXES) and 0 < have <= remote.size and _same_tail(
+            sftp, remote_path, local, have):
+        if have == remote.size:
+            tally.skipped += 1
+            return
+        with open(local, "ab") as dest:
+            tally.bytes_moved += _fetch_range(sftp, remote_path, dest, have, remote.size)
+        tally.moved.append(remote.rel)
+        return
+    if local.is_file() and have == remote.size and int(local.stat().st_mtime) == remote.mtime:
+        tally.skipped += 1
+        return
+    partial = _partial_path(local)
+    with open(partial, "wb") as dest:
+        tally.bytes_moved += _fetch_range(sftp, remote_path, dest, 0, remote.size)
+    os.utime(partial, (remote.mtime, remote.mtime))
+    os.replace(partial, local)
+    tally.moved.append(remote.rel)
+
+
+def _same_tail(sftp, remote_path: str, local: Path, have: int) -> bool:
+    """Whether the local file is still a prefix of the remote one (checked on its last bytes)."""
+    start = max(0, have - TAIL_CHECK_BYTES)
+    with open(local, "rb") as f:
+        f.seek(start)
+        mine = f.read(have - start)
+    with sftp.open(remote_path, "rb") as f:
+        f.seek(start)
+        theirs = f.read(have - start)
+    return mine == theirs
+
+
+# --------------------------------------------------------------------------- push
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Where a data file lies on the host, and whether this call had to send it."""
+
+    remote_path: str  # absolute: ~/.cache/runner/data/<sha256>/<name>
+    sha256: str
+    size_bytes: int
+    sent: bool
+
+
+def push_data(conn: ssh.Connection, local_path: Path) -> PushResult:
+    """Put a data file into the host's content-addressed cache; a file already there is not sent again."""
+    if not local_path.is_file():
+        raise UserError(f"data file not found: {local_path}")
+    name = local_path.name
+    digest = _sha256_file(local_path)
+    size = local_path.stat().st_size
+    home = ssh.home(conn)
+    remote_dir = posixpath.join(home, DATA_CACHE_DIR, digest)
+    remote_path = posixpath.join(remote_dir, name)
+
+    def attempt(c: ssh.Connection) -> bool:
+        sftp = c.sftp()
+        try:
+            attrs = sftp.lstat(remote_path)
+            if stat.S_ISREG(attrs.st_mode or 0) and attrs.st_size == size:
+                return False
+        except FileNotFoundError:
+            pass
+        ssh.makedirs(sftp, remote_dir)
+        partial = posixpath.join(remote_dir, f".{name}{PARTIAL_SUFFIX}")
+        sftp.put(str(local_path), partial)
+        check = ssh.run(c, ["sha256sum", "--", partial], timeout_s=600)
+        if not check.ok or check.text().split()[0] != digest:
+            sftp.remove(partial)
+            raise UserError(f"{name}: sha256 on the host does not match after upload", hint="try again")
+        sftp.posix_rename(partial, remote_path)
+        return True
+
+    sent = conn.retrying(attempt)
+    return PushResult(remote_path, digest, size, sent)
