@@ -1,0 +1,78 @@
+"""Probing: parsing what hosts report, the GPU-to-profile mapping, and probes of real hosts."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner import probe
+
+A100_HOST = """@@os
+PRETTY_NAME="Ubuntu 22.04.4 LTS"
+NAME="Ubuntu"
+@@kernel
+Linux 5.15.0-105-generic
+@@arch
+x86_64
+@@gpus
+NVIDIA A100-SXM4-80GB, 81920 MiB, 1024 MiB, 535.104.05
+NVIDIA A100-SXM4-80GB, 81920 MiB, 0 MiB, 535.104.05
+@@cuda
+12.2
+@@docker
+24.0.7
+@@runtimes
+{"io.containerd.runc.v2":{"path":"runc"},"nvidia":{"path":"nvidia-container-runtime"}}
+/usr/bin/nvidia-container-runtime
+@@disk
+/dev/nvme0n1p1 1000000000 400000000 600000000 40% /
+@@python
+3.10.12
+@@cpus
+32
+@@memory
+MemTotal:       263856440 kB
+@@end
+"""
+
+
+def test_an_a100_host_probe_is_read_into_its_parts_and_profile():
+    found = probe.parse_probe(A100_HOST, host="a100", probed_at="2026-11-24T00:00:00+00:00")
+    assert found.os_name == "Ubuntu 22.04.4 LTS" and found.kernel.startswith("Linux 5.15")
+    assert len(found.gpus) == 2
+    assert found.gpus[0] == probe.GPU("NVIDIA A100-SXM4-80GB", 81920 * 2**20, 1024 * 2**20, "535.104.05")
+    assert (found.cuda_version, found.docker_version, found.nvidia_runtime) == ("12.2", "24.0.7", True)
+    assert found.disk_free_bytes == 600000000 * 1024
+    assert (found.python_version, found.cpus, found.memory_bytes) == ("3.10.12", 32, 263856440 * 1024)
+    assert found.profile == "a100-80gb"
+
+
+@pytest.mark.parametrize(("name", "mib", "profile_id"), [
+    ("NVIDIA GeForce RTX 4090", 24564, "rtx-4090"),
+    ("NVIDIA A100-SXM4-80GB", 81920, "a100-80gb"),
+    ("NVIDIA A100-PCIE-40GB", 40960, "a100-40gb"),
+    ("NVIDIA H100 80GB HBM3", 81559, "h100-80gb"),
+])
+def test_gpu_names_map_to_catalog_profiles(name, mib, profile_id):
+    assert probe.profile_for_gpu(name, mib * 2**20) == profile_id
+
+
+def test_a_host_without_tools_probes_as_cpu_with_nothing_invented():
+    found = probe.parse_probe("@@os\n@@gpus\n@@docker\n@@runtimes\n@@disk\n@@python\n@@end\n", host="bare")
+    assert (found.gpus, found.docker_version, found.nvidia_runtime, found.python_version) == ((), None, False, None)
+    assert found.profile == "cpu"
+
+
+def test_a_probe_cut_short_is_refused():
+    with pytest.raises(probe.UserError, match="cut short"):
+        probe.parse_probe(A100_HOST.replace("@@end\n", ""), host="a100")
+
+
+def test_this_machine_probes_with_the_same_script_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    found = probe.probe_local()
+    assert found.os_name != "unknown" and found.disk_free_bytes > 0 and found.python_version
+    probe.save(found)
+    assert probe.read_cached("local") == found
+    from runner.hosts import read_probe
+
+    assert read_probe("local").profile == found.profile
