@@ -123,6 +123,7 @@ class TrainSpec(Strict):
 
     batch_size: PositiveInt | Literal["auto"] = 8  # sequences per micro-batch per GPU
     grad_accum: PositiveInt = 1
+    tokens_per_step: Count | None = None  # with batch_size auto: accumulation makes up this many tokens per step
     precision: Precision = "auto"
     gradient_checkpointing: bool = False
     compile: bool | Literal["auto"] = "auto"  # torch.compile on CUDA
@@ -181,9 +182,10 @@ class BudgetSpec(Strict):
 
     @model_validator(mode="after")
     def _one_budget(self) -> BudgetSpec:
-        given = [k for k in ("tokens", "epochs", "max_steps") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of tokens, epochs or max_steps")
+        if self.tokens is not None and self.epochs is not None:
+            raise ValueError("give tokens or epochs, not both")
+        if self.tokens is None and self.epochs is None and self.max_steps is None:
+            raise ValueError("give one of tokens, epochs or max_steps")
         return self
 
 

@@ -1,0 +1,258 @@
+"""The pre-dispatch planner: will this job fit this host, how long will it take, what will it cost.
+
+``plan_job(job, host)`` answers for one host, ``plan_hosts`` for several, and
+``resolve(job, host)`` turns a passing plan into the ``ResolvedRun`` the trainer
+executes. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from runner.errors import EXIT_REFUSED, UserError
+from runner.hosts import Hardware, Host, Inventory, NotProbed, hardware, load_inventory
+from runner.plan.budget import Budget, Coverage, PhaseBudget, plan_budget
+from runner.plan.cost import Measured, ThroughputSource, estimate_cost
+from runner.plan.fixes import Fix, Variant, budget_fixes, memory_fixes
+from runner.plan.memory import LoraShape, MemoryBreakdown, estimate_memory, lora_targets
+from runner.presets import ModelShape
+from runner.resolved import ResolvedRun, StagePlan
+from runner.spec import Job, resolve_shape
+from runner.units import format_bytes, format_duration
+
+__all__ = ["Plan", "Fix", "MemoryBreakdown", "Measured", "ThroughputSource", "plan_job", "plan_hosts", "resolve"]
+
+AUTO_MARGIN = 0.10  # batch_size auto leaves this share of capacity free: the memory model is good to ~10%
+MAX_AUTO_MICRO_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the planner decided and estimated for one job on one host."""
+
+    job: str
+    host: str
+    profile: str | None  # None when the host's hardware is unknown (not probed)
+    passes: bool  # fits in memory and within the money and time caps
+    fits: bool  # fits in memory
+    reasons: tuple[str, ...]  # why it does not pass
+    warnings: tuple[str, ...]
+    fixes: tuple[Fix, ...]
+    memory: MemoryBreakdown | None  # the stage with the highest peak
+    precision: str
+    compile: bool
+    device: str
+    micro_batch: int  # of the first stage (curricula change it per stage)
+    grad_accum: int
+    gpus: int
+    stages: tuple[StagePlan, ...]
+    steps: int
+    tokens: int
+    budget_tokens: int | None
+    budget_used_share: float | None
+    coverage: tuple[Coverage, ...]
+    phases: tuple[PhaseBudget, ...]
+    params: int
+    model_flops: float
+    tokens_per_s: float
+    seconds: float
+    cost_usd: float
+    price_usd_per_hour: float
+    throughput_source: str  # "catalog default: 40% of peak", or a calibration's description
+    hardware_source: str
+    overrides: tuple[str, ...]  # the --set overrides this plan was made with
+
+
+def plan_job(job: Job, host: Host | str = "local", *, inventory: Inventory | None = None,
+             throughput: ThroughputSource | None = None) -> Plan:
+    """Plan one experiment on one host; raises UserError only for an invalid job or unknown host."""
+    host = _host(host, inventory)
+    shape = resolve_shape(job)
+    try:
+        hw = hardware(host)
+    except NotProbed as exc:
+        return _unknown_hardware(job, host, str(exc.message + (f" ({exc.hint})" if exc.hint else "")))
+    return _plan(job, shape, hw, throughput)
+
+
+def plan_hosts(job: Job, hosts: list[Host | str] | None = None, *, inventory: Inventory | None = None,
+               throughput: ThroughputSource | None = None) -> list[Plan]:
+    """Plan on each host (default: the job's candidates, else the whole inventory).
+
+    A plan that does not pass gets "use host X" fixes for the hosts where it does.
+    """
+    inventory = inventory or load_inventory()
+    names = hosts if hosts is not None else (job.spec.hosts or inventory.names)
+    plans = [plan_job(job, h, inventory=inventory, throughput=throughput) for h in names]
+    good = sorted((p for p in plans if p.passes), key=lambda p: (p.cost_usd, p.seconds))
+    out = []
+    for plan in plans:
+        if not plan.passes and good:
+            moves = tuple(Fix(f"host {g.host} ({g.profile}) passes: {format_duration(g.seconds)}, ${g.cost_usd:,.2f}",
+                              host=g.host) for g in good[:2])
+            plan = replace(plan, fixes=plan.fixes + moves)
+        out.append(plan)
+    return out
+
+
+def resolve(job: Job, host: Host | str = "local", plan: Plan | None = None, *,
+            inventory: Inventory | None = None) -> ResolvedRun:
+    """The trainer's input for this job on this host; UserError (exit 3) when the plan refuses it."""
+    plan = plan or plan_job(job, host, inventory=inventory)
+    if not plan.passes:
+        raise UserError("; ".join(plan.reasons), file=job.file, field=job.name, exit_code=EXIT_REFUSED,
+                        hint=plan.fixes[0].summary + (f": {plan.fixes[0].command_hint()}" if plan.fixes else "")
+                        if plan.fixes else None)
+    spec = job.spec
+    return ResolvedRun(
+        experiment=spec, job_dir=str(job.base_dir), host=plan.host, profile=plan.profile or "cpu",
+        device=plan.device, precision=plan.precision, compile=plan.compile,  # type: ignore[arg-type]
+        gpus=plan.gpus, stages=list(plan.stages),
+        token_budget=plan.tokens if spec.budget.tokens is not None else None,
+        epochs=spec.budget.epochs if spec.budget.tokens is None else None,
+        max_seconds=spec.budget.max_hours * 3600 if spec.budget.max_hours else None,
+    )
+
+
+def _host(host: Host | str, inventory: Inventory | None) -> Host:
+    if isinstance(host, Host):
+        return host
+    return (inventory or load_inventory()).get(host)
+
+
+def _overrides(job: Job) -> tuple[str, ...]:
+    return tuple(job.overrides.values())
+
+
+def _unknown_hardware(job: Job, host: Host, reason: str) -> Plan:
+    return Plan(job=job.name, host=host.name, profile=None, passes=False, fits=False, reasons=(reason,),
+                warnings=(), fixes=(), memory=None, precision="auto", compile=False, device="auto",
+                micro_batch=0, grad_accum=0, gpus=host.gpus or 1, stages=(), steps=0, tokens=0,
+                budget_tokens=job.spec.budget.tokens, budget_used_share=None, coverage=(), phases=(),
+                params=0, model_flops=0.0, tokens_per_s=0.0, seconds=0.0, cost_usd=0.0,
+                price_usd_per_hour=host.price_usd_per_hour or 0.0, throughput_source="none",
+                hardware_source="unknown", overrides=_overrides(job))
+
+
+def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSource | None) -> Plan:
+    spec, train, prof = job.spec, job.spec.train, hw.profile
+    reasons: list[str] = []
+    warnings: list[str] = []
+    fixes: list[Fix] = []
+
+    precision = prof.default_precision if train.precision == "auto" else train.precision
+    if precision not in prof.precisions:
+        reasons.append(f"{precision} is not supported on {prof.id} (supported: {', '.join(prof.precisions)})")
+        fixes.append(Fix(f"precision {prof.default_precision}", (f"train.precision={prof.default_precision}",)))
+        precision = prof.default_precision
+    compile_ = prof.device == "cuda" if train.compile == "auto" else bool(train.compile)
+    lora = LoraShape(spec.lora.rank, lora_targets(shape, spec.lora.target_modules)) if spec.lora else None
+    pretrained = spec.model.pretrained
+
+    def trial(seq_len: int, variant: Variant) -> MemoryBreakdown:
+        lora_shape = lora or (LoraShape(16, lora_targets(shape, "auto")) if variant.lora else None)
+        return estimate_memory(
+            shape, seq_len=seq_len, micro_batch=variant.micro_batch, precision=precision, device=prof.device,
+            capacity_bytes=hw.capacity_bytes, memory_bytes=hw.memory_bytes, usable_share=prof.usable_share,
+            runtime_bytes=prof.runtime_bytes, optimizer=variant.optimizer,
+            gradient_checkpointing=variant.gradient_checkpointing, grad_accum=variant.grad_accum,
+            lora=lora_shape, quantization=variant.quantization)
+
+    def variant(micro_batch: int, grad_accum: int) -> Variant:
+        return Variant(micro_batch, grad_accum, train.gradient_checkpointing, train.optimizer,
+                       spec.lora is not None, spec.quantization)
+
+    # The shape of each stage: the curriculum's, or one stage from data.seq_len and train.
+    shapes: list[tuple[int, int, int, str]] = []  # seq_len, micro_batch, grad_accum, where batch lives
+    if spec.curriculum:
+        shapes = [(s.seq_len, s.batch_size, s.grad_accum, f"curriculum.{i}") for i, s in enumerate(spec.curriculum)]
+    else:
+        seq_len = spec.data.seq_len or spec.seq_len
+        if train.batch_size == "auto":
+            micro, accum = _auto_batch(lambda mb, acc: trial(seq_len, variant(mb, acc)), hw, seq_len,
+                                       train.grad_accum, train.tokens_per_step, train.gpus)
+        else:
+            micro, accum = train.batch_size, train.grad_accum
+        shapes = [(seq_len, micro, accum, "train")]
+
+    memories = [trial(seq, variant(mb, acc)) for seq, mb, acc, _ in shapes]
+    worst = max(range(len(memories)), key=lambda i: memories[i].peak_bytes - memories[i].capacity_bytes)
+    memory = memories[worst]
+    fits = all(m.fits for m in memories)
+    if not fits:
+        seq, mb, acc, where = shapes[worst]
+        stage = f" (stage at seq_len {seq})" if spec.curriculum else ""
+        reasons.append(f"needs {format_bytes(memory.peak_bytes)} but {hw.host} has {format_bytes(memory.capacity_bytes)} "
+                       f"usable{stage}: {format_bytes(-memory.margin_bytes)} short")
+        fixes.extend(memory_fixes(variant(mb, acc), lambda v: trial(seq, v), stage_field=where,
+                                  pretrained=pretrained))
+    elif memory.margin_bytes < AUTO_MARGIN * memory.capacity_bytes:
+        warnings.append(f"only {format_bytes(memory.margin_bytes)} to spare; the estimate is good to about 10%")
+
+    gpus = train.gpus
+    if gpus > hw.gpus:
+        reasons.append(f"asks for {train.gpus} GPUs but {hw.host} has {hw.gpus}")
+    stage_plans = [StagePlan(seq_len=s, micro_batch=mb, grad_accum=acc) for s, mb, acc, _ in shapes]
+    budget: Budget = plan_budget(job, stage_plans, gpus)
+    warnings.extend(budget.warnings)
+
+    measured = throughput.measured(hw.host, prof.id, shape, spec.seq_len, precision) if throughput else None
+    # Epoch runs have one stage and no fixed step count: use the budget's estimate.
+    stage_tokens = [(s.seq_len, (budget.steps if s.steps is None else s.steps) * s.tokens_per_step(gpus))
+                    for s in budget.stages]
+    cost = estimate_cost(
+        shape, stage_tokens, peak_flops=prof.peak_flops(precision), efficiency=prof.efficiency[precision],
+        gpus=gpus, price_usd_per_hour=hw.price_usd_per_hour, lora=spec.lora is not None,
+        gradient_checkpointing=train.gradient_checkpointing, max_cost_usd=spec.budget.max_cost_usd,
+        max_hours=spec.budget.max_hours, measured=measured)
+    caps = []
+    if cost.over_cost:
+        reasons.append(f"costs ${cost.cost_usd:,.2f}, over max_cost_usd ${spec.budget.max_cost_usd:,.2f}")
+        caps.append(spec.budget.max_cost_usd / cost.cost_usd)  # type: ignore[operator]
+    if cost.over_hours:
+        reasons.append(f"takes {format_duration(cost.seconds)}, over max_hours {spec.budget.max_hours:g}h")
+        caps.append(spec.budget.max_hours * 3600 / cost.seconds)  # type: ignore[operator]
+    if caps:
+        which = "money and time caps" if len(caps) == 2 else "cost cap" if cost.over_cost else "time cap"
+        fixes.extend(budget_fixes(scale=min(caps), tokens=spec.budget.tokens, epochs=spec.budget.epochs,
+                                  step_tokens=max(s.tokens_per_step(gpus) for s in budget.stages), reason=which))
+
+    first = budget.stages[0]
+    return Plan(
+        job=job.name, host=hw.host, profile=prof.id, passes=not reasons, fits=fits, reasons=tuple(reasons),
+        warnings=tuple(warnings), fixes=tuple(fixes), memory=memory, precision=precision, compile=compile_,
+        device=prof.device, micro_batch=first.micro_batch, grad_accum=first.grad_accum, gpus=gpus,
+        stages=budget.stages, steps=budget.steps, tokens=budget.tokens, budget_tokens=budget.budget_tokens,
+        budget_used_share=budget.used_share, coverage=budget.coverage, phases=budget.phases,
+        params=shape.param_count(), model_flops=cost.model_flops, tokens_per_s=cost.tokens_per_s,
+        seconds=cost.seconds, cost_usd=cost.cost_usd, price_usd_per_hour=hw.price_usd_per_hour,
+        throughput_source=cost.source, hardware_source=hw.source, overrides=_overrides(job),
+    )
+
+
+def _auto_batch(trial, hw: Hardware, seq_len: int, grad_accum: int, tokens_per_step: int | None,
+                gpus: int) -> tuple[int, int]:
+    """The largest micro-batch that fits with AUTO_MARGIN to spare, and the accumulation to go with it.
+
+    With ``tokens_per_step`` the accumulation makes up that many tokens (rounded up to
+    whole sequences); otherwise ``grad_accum`` stays as written.
+    """
+    target = math.ceil(tokens_per_step / (seq_len * gpus)) if tokens_per_step else None
+    limit = min(MAX_AUTO_MICRO_BATCH, target or MAX_AUTO_MICRO_BATCH)
+
+    def ok(mb: int) -> bool:
+        m = trial(mb, grad_accum)
+        return m.margin_bytes >= AUTO_MARGIN * m.capacity_bytes
+
+    low, high = 1, limit  # the answer is 1 even when nothing fits: the plan then says so
+    while low < high:  # memory grows with the micro-batch: bisect for the largest that is ok
+        mid = (low + high + 1) // 2
+        if ok(mid):
+            low = mid
+        else:
+            high = mid - 1
+    if target is None:
+        return low, grad_accum
+    accum = math.ceil(target / low)
+    return math.ceil(target / accum), accum

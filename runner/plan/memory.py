@@ -1,0 +1,257 @@
+"""Peak training memory on one device, term by term, following the trainer's conventions.
+
+Conventions (the trainer's, and so this model's):
+- full training keeps parameters in fp32 and runs forward/backward under
+  ``torch.autocast`` for bf16/fp16: 4 B weights + 4 B gradients + 8 B AdamW
+  states per parameter, no separate master copy; autocast keeps a 2 B copy of
+  every matmul weight from forward until backward has used it;
+- LoRA stores the frozen base in the compute dtype (2 B/param on CUDA, fp32 on
+  CPU and MPS) or 8/4-bit, and trains fp32 adapters with their own AdamW states;
+- adamw8bit keeps 2 B/param of state; sgd (no momentum) keeps none;
+- attention is SDPA/flash: activations grow with seq, never seq^2.
+
+Activation bytes per token and layer count what autograd saves in eager mode
+for the Hugging Face GPT-2 and LLaMA blocks (see ``_ACTIVATION``); torch.compile
+usually saves less, so the estimate errs on the safe side there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from runner.presets import ModelShape
+
+Device = Literal["cuda", "mps", "cpu"]
+
+# Bytes saved per token per layer, as coefficients of (hidden, kv width, MLP width).
+# LLaMA under autocast, fp32 residual stream: each RMSNorm keeps its fp32 input and
+# normalised output and the bf16 cast the projections read (10h each); q/k/v outputs,
+# the rotate_half copies RoPE saves and the casts SDPA saves (2h + 8kv), the SDPA
+# output and o_proj's contiguous input (4h); the gated MLP keeps gate, up, silu(gate)
+# and their product (8i). In fp32 there are no casts but every tensor is 4 B.
+# GPT-2: LayerNorm keeps only its input (plus the cast), c_attn's fused q/k/v output,
+# and gelu_new's python formula saves five 4h-wide tensors.
+_ACTIVATION: dict[tuple[str, bool], tuple[float, float, float]] = {
+    ("llama", True): (30, 8, 8),
+    ("llama", False): (36, 16, 16),
+    ("gpt2", True): (22, 0, 10),
+    ("gpt2", False): (36, 0, 20),
+}
+# Loss buffers per token per vocabulary entry: the logits (2 B under autocast), the
+# fp32 log-softmax output cross-entropy saves, and in backward its incoming and
+# outgoing fp32 gradients. In fp32 the logits are 4 B and there is no upcast copy.
+_LOGITS_BYTES = {True: 2 + 4 + 4 + 4, False: 4 + 4 + 4 + 4}
+_OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}
+# torch's foreach AdamW builds one fp32 temporary the size of the parameters (sqrt of
+# the second moment) while it steps.
+_OPTIMIZER_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0, "sgd": 0}
+# bitsandbytes: int8 weights; NF4 packs two weights per byte plus an fp32 absmax per 64.
+_QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
+ALLOCATOR_HEADROOM = 0.10  # the caching allocator's fragmentation: reserved exceeds allocated by ~5-15%
+
+
+@dataclass(frozen=True)
+class LoraShape:
+    """LoRA settings the memory model needs: rank and the module names adapted."""
+
+    rank: int
+    target_modules: tuple[str, ...]
+
+
+# PEFT's defaults for target_modules: auto.
+DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj")}
+
+
+def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> tuple[str, ...]:
+    if target_modules == "auto":
+        return DEFAULT_LORA_TARGETS["gpt2" if shape.arch == "gpt2" else "llama"]
+    return tuple(target_modules)
+
+
+def lora_params(shape: ModelShape, lora: LoraShape) -> int:
+    """Adapter parameters: rank x (in + out) for every adapted linear in every layer."""
+    h, i = shape.hidden, shape.intermediate
+    kv = shape.kv_heads * shape.head_dim
+    if shape.arch == "gpt2":
+        dims = {"c_attn": [(h, 3 * h)], "c_proj": [(h, h), (i, h)], "c_fc": [(h, i)]}
+    else:
+        dims = {"q_proj": [(h, h)], "k_proj": [(h, kv)], "v_proj": [(h, kv)], "o_proj": [(h, h)],
+                "gate_proj": [(h, i)], "up_proj": [(h, i)], "down_proj": [(i, h)]}
+    per_layer = sum(lora.rank * (a + b) for name in lora.target_modules for a, b in dims.get(name, []))
+    return shape.layers * per_layer
+
+
+def unknown_lora_targets(shape: ModelShape, targets: tuple[str, ...]) -> list[str]:
+    known = {"c_attn", "c_proj", "c_fc"} if shape.arch == "gpt2" else {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    return [t for t in targets if t not in known]
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Every term of one device's peak training memory, in bytes, and the verdict."""
+
+    params: int
+    trainable_params: int
+    weights_bytes: int  # fp32 parameters, or the frozen LoRA base in its dtype
+    weight_copies_bytes: int  # autocast's low-precision copies of fp32 matmul weights
+    gradients_bytes: int
+    optimizer_bytes: int
+    master_weights_bytes: int  # 0 under the trainer's convention: parameters are already fp32
+    optimizer_step_bytes: int  # transient while the optimizer steps
+    activations_bytes: int
+    activations_per_layer_bytes: int  # one layer's saved activations without checkpointing
+    logits_bytes: int  # logits, fp32 upcast for cross-entropy, and their gradients
+    lora_bytes: int  # adapter weights (their gradients and states are in gradients/optimizer)
+    runtime_bytes: int  # CUDA context and kernels, or Metal's / the CPU runtime's working set
+    headroom_bytes: int  # allocator fragmentation
+    capacity_bytes: int  # what training may use: memory x usable share
+    memory_bytes: int  # the device's memory (unified memory on Apple)
+    usable_share: float
+    base_weight_bytes_per_param: float
+    gradient_checkpointing: bool
+    device: Device
+    grad_accum: int
+
+    @property
+    def backward_peak_bytes(self) -> int:
+        """Allocated during backward: weights and states, what forward saved, and gradients.
+
+        Gradients are freed after every optimizer step (``zero_grad(set_to_none=True)``),
+        so with one micro-batch per step they fill in only as saved activations are
+        released; with accumulation they are already there when backward starts.
+        """
+        resident = self.weights_bytes + self.lora_bytes + self.optimizer_bytes + self.master_weights_bytes
+        saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
+        if self.grad_accum > 1:
+            return resident + saved + self.gradients_bytes
+        return resident + max(saved, self.gradients_bytes)
+
+    @property
+    def step_peak_bytes(self) -> int:
+        """Allocated while the optimizer steps: weights, gradients, states and the step's temporary."""
+        return (self.weights_bytes + self.lora_bytes + self.gradients_bytes + self.optimizer_bytes
+                + self.master_weights_bytes + self.optimizer_step_bytes)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Peak bytes in tensors (what ``torch.cuda.max_memory_allocated`` reports)."""
+        return max(self.backward_peak_bytes, self.step_peak_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Peak device memory of the process: tensors, fragmentation and the runtime."""
+        return self.allocated_bytes + self.headroom_bytes + self.runtime_bytes
+
+    @property
+    def margin_bytes(self) -> int:
+        return self.capacity_bytes - self.peak_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.margin_bytes >= 0
+
+    def rows(self) -> list[tuple[str, int, str]]:
+        """(term, bytes, note) for display, in the order memory is taken."""
+        ckpt = "with" if self.gradient_checkpointing else "without"
+        base = f"{self.base_weight_bytes_per_param:g} B/param"
+        return [
+            ("weights", self.weights_bytes, f"{self.params:,} params x {base}"),
+            ("autocast weight copies", self.weight_copies_bytes, "2 B per matmul weight, held until backward"),
+            ("LoRA adapters", self.lora_bytes, "fp32"),
+            ("gradients", self.gradients_bytes, f"{self.trainable_params:,} trainable params x 4 B"),
+            ("optimizer states", self.optimizer_bytes, "per trainable param"),
+            ("fp32 master weights", self.master_weights_bytes, "none: parameters are fp32 already"),
+            ("activations", self.activations_bytes,
+             f"{ckpt} checkpointing; {self.activations_per_layer_bytes / 2**20:,.0f} MiB per layer unchecked"),
+            ("logits and loss", self.logits_bytes, "logits, fp32 log-softmax, their gradients"),
+            ("optimizer step temporary", self.optimizer_step_bytes, "only while stepping"),
+            ("allocator headroom", self.headroom_bytes, f"{ALLOCATOR_HEADROOM:.0%} of allocated"),
+            ("runtime", self.runtime_bytes, "CUDA context" if self.device == "cuda" else f"{self.device} runtime"),
+        ]
+
+
+def estimate_memory(
+    shape: ModelShape,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    precision: str,
+    device: Device,
+    capacity_bytes: int,
+    memory_bytes: int,
+    usable_share: float,
+    runtime_bytes: int,
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    grad_accum: int = 1,
+    lora: LoraShape | None = None,
+    quantization: str = "none",
+) -> MemoryBreakdown:
+    """The memory one device needs to train ``shape`` at this micro-batch and sequence length."""
+    params = shape.param_count()
+    autocast = precision in ("bf16", "fp16", "fp8")
+    head = shape.vocab_size * (shape.embedding_dim or shape.hidden)
+    matmul_params = shape.non_embedding_params() + head
+
+    if lora is None:
+        trainable = params
+        weight_bpp = 4.0
+        weights = 4 * params
+        copies = 2 * matmul_params if autocast else 0
+        adapters = 0
+    else:
+        trainable = lora_params(shape, lora)
+        compute_bpp = 2.0 if autocast and device == "cuda" else 4.0
+        block_params = shape.layers * _block_linear_params(shape)
+        if quantization in _QUANTIZED_BYTES:
+            weight_bpp = _QUANTIZED_BYTES[quantization]
+            weights = int(block_params * weight_bpp + (params - block_params) * compute_bpp)
+        else:
+            weight_bpp = compute_bpp
+            weights = int(params * compute_bpp)
+        copies = 0
+        adapters = 4 * trainable
+    gradients = 4 * trainable
+    optimizer_states = _OPTIMIZER_STATE_BYTES[optimizer] * trainable
+    step_temp = _OPTIMIZER_STEP_TEMP_BYTES[optimizer] * trainable
+
+    tokens = micro_batch * seq_len
+    per_layer = int(tokens * activation_bytes_per_token_layer(shape, autocast))
+    residual_bytes = 4 if (lora is None or not autocast or device != "cuda") else 2
+    final_norm = tokens * shape.hidden * (residual_bytes * 2 + (2 if autocast else 0))
+    if gradient_checkpointing:
+        # Each layer keeps its input; backward recomputes one layer at a time.
+        activations = shape.layers * tokens * shape.hidden * residual_bytes + per_layer + final_norm
+    else:
+        activations = shape.layers * per_layer + final_norm
+    logits = tokens * shape.vocab_size * _LOGITS_BYTES[autocast]
+
+    partial = MemoryBreakdown(
+        params=params, trainable_params=trainable, weights_bytes=weights, weight_copies_bytes=copies,
+        gradients_bytes=gradients, optimizer_bytes=optimizer_states, master_weights_bytes=0,
+        optimizer_step_bytes=step_temp, activations_bytes=activations, activations_per_layer_bytes=per_layer,
+        logits_bytes=logits, lora_bytes=adapters, runtime_bytes=runtime_bytes, headroom_bytes=0,
+        capacity_bytes=capacity_bytes, memory_bytes=memory_bytes, usable_share=usable_share,
+        base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
+        grad_accum=grad_accum,
+    )
+    headroom = int(partial.allocated_bytes * ALLOCATOR_HEADROOM) if device != "cpu" else 0
+    return replace(partial, headroom_bytes=headroom)
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, autocast: bool) -> float:
+    """Bytes one layer saves for backward per token (SDPA attention: no seq^2 term)."""
+    c_h, c_kv, c_i = _ACTIVATION[("gpt2" if shape.arch == "gpt2" else "llama", autocast)]
+    kv = shape.kv_heads * shape.head_dim
+    return c_h * shape.hidden + c_kv * kv + c_i * shape.intermediate
+
+
+def _block_linear_params(shape: ModelShape) -> int:
+    """Weights of one block's linear layers: what bitsandbytes quantizes."""
+    h, i = shape.hidden, shape.intermediate
+    if shape.arch == "gpt2":
+        return 3 * h * h + h * h + 2 * h * i
+    kv = shape.kv_heads * shape.head_dim
+    return 2 * h * h + 2 * h * kv + 3 * h * i
