@@ -1,0 +1,353 @@
+"""The ``runner`` command: a thin face over the core library.
+
+Each subcommand is one function registered with ``@command``, which names it
+(a space makes a nested command: ``"hosts probe"``), gives its help line and
+its arguments. The function receives the parsed arguments and returns an exit
+code; user errors it raises are printed as ``FILE:LINE:COL: field: message``.
+
+    @command("logs", "print a run's log", arg("run"), arg("--follow", action="store_true"))
+    def logs(args: argparse.Namespace) -> int:
+        ...
+
+Import heavy modules inside the function, so that ``runner --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from runner.errors import EXIT_INVALID, EXIT_OK, EXIT_REFUSED, UserError, UserErrors
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from runner.plan import Plan
+
+
+@dataclass(frozen=True)
+class Arg:
+    flags: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    """One ``add_argument`` call, written where the command is registered."""
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: tuple[Arg, ...]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, *arguments: Arg) -> Callable[[Callable[[argparse.Namespace], int]], Callable]:
+    """Register a subcommand; ``name`` may be two words for a command group (``hosts list``)."""
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise ValueError(f"command {name!r} is registered twice")
+        COMMANDS[name] = Command(name, help, run, arguments)
+        return run
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runner", description="Plan, run and compare language-model training jobs.")
+    parser.add_argument("--hosts-file", metavar="PATH", help="host inventory (default: $RUNNER_HOSTS, ./hosts.yaml, "
+                        "~/.config/runner/hosts.yaml)")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in COMMANDS.values():
+        words = cmd.name.split()
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=cmd.help, description=cmd.help)
+        else:
+            if words[0] not in groups:
+                group = top.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group.add_subparsers(dest=f"{words[0]}_command", metavar="COMMAND", required=True)
+            sub = groups[words[0]].add_parser(words[1], help=cmd.help, description=cmd.help)
+        # --hosts-file is accepted after the subcommand too.
+        sub.add_argument("--hosts-file", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        for a in cmd.arguments:
+            sub.add_argument(*a.flags, **a.options)
+        sub.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``runner`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return EXIT_INVALID if exc.code not in (0, None) else EXIT_OK
+    try:
+        return args.run(args)
+    except UserErrors as exc:
+        print_errors(exc.errors)
+        return exc.exit_code
+    except UserError as exc:
+        print_errors([exc])
+        return exc.exit_code
+
+
+def print_errors(errors: list[UserError]) -> None:
+    for error in errors:
+        print(error.render(), file=sys.stderr)
+
+
+def console() -> Console:
+    """A console on the current stdout (so tests can capture it), wide enough for the tables."""
+    from rich.console import Console
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+# --- validate and plan ------------------------------------------------------------------
+
+SET_ARGS = (
+    arg("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+        help="override a field of the job file, e.g. --set data.seq_len=2048 (repeatable)"),
+)
+
+
+@command("validate", "check job files and report every error with its location",
+         arg("jobs", nargs="+", metavar="JOB"), *SET_ARGS)
+def validate(args: argparse.Namespace) -> int:
+    from runner.hosts import load_inventory
+    from runner.spec import check_job, load_jobs
+
+    inventory = load_inventory(args.hosts_file)
+    out = console()
+    failed = False
+    for path in args.jobs:
+        try:
+            jobs = load_jobs(path, args.sets)
+        except UserErrors as exc:
+            print_errors(exc.errors)
+            failed = True
+            continue
+        errors = [e for job in jobs for e in check_job(job, inventory.names)]
+        if errors:
+            print_errors(errors)
+            failed = True
+            continue
+        names = ", ".join(job.name for job in jobs)
+        out.print(f"ok {path}: {len(jobs)} experiment{'s' if len(jobs) > 1 else ''} ({names})")
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+@command("plan", "estimate memory, time and cost of a job on each host, before running it",
+         arg("job", metavar="JOB"),
+         arg("--host", help="plan on this host only (and show its memory breakdown)"),
+         arg("--all-hosts", action="store_true", help="plan on every host in the inventory"),
+         *SET_ARGS,
+         arg("--max-steps", type=int, metavar="N", help="sugar for --set budget.max_steps=N (caps the budget)"),
+         arg("--batch-size", metavar="N", help="sugar for --set train.batch_size=N (or auto)"),
+         arg("--seq-len", type=int, metavar="N", help="sugar for --set data.seq_len=N"),
+         arg("--no-packing", action="store_true", help="sugar for --set data.packing=false"),
+         arg("--breakdown", action="store_true", help="show the memory breakdown for every host"),
+         arg("--json", action="store_true", help="print the plans as JSON"))
+def plan(args: argparse.Namespace) -> int:
+    from runner.hosts import load_inventory
+    from runner.plan import plan_hosts
+    from runner.spec import check_job, load_jobs
+
+    if args.host and args.all_hosts:
+        raise UserError("give --host or --all-hosts, not both", field="plan")
+    sets = list(args.sets)
+    if args.max_steps is not None:
+        sets.append(f"budget.max_steps={args.max_steps}")
+    if args.batch_size is not None:
+        sets.append(f"train.batch_size={args.batch_size}")
+    if args.seq_len is not None:
+        sets.append(f"data.seq_len={args.seq_len}")
+    if args.no_packing:
+        sets.append("data.packing=false")
+    inventory = load_inventory(args.hosts_file)
+    jobs = load_jobs(args.job, sets)
+    errors = [e for job in jobs for e in check_job(job, inventory.names)]
+    if errors:
+        raise UserErrors(errors)
+    if args.host:
+        inventory.get(args.host)
+    results = []
+    for job in jobs:
+        hosts = [args.host] if args.host else inventory.names if args.all_hosts else None
+        results.append((job, plan_hosts(job, hosts, inventory=inventory)))
+    if args.json:
+        print(json.dumps([{"job": job.name, "file": job.file, "plans": [plan_json(p) for p in plans]}
+                          for job, plans in results], indent=2))
+    else:
+        out = console()
+        for job, plans in results:
+            render_plans(out, job, plans, breakdown=args.breakdown or bool(args.host))
+    every_job_placed = all(any(p.passes for p in plans) for _, plans in results)
+    return EXIT_OK if every_job_placed else EXIT_REFUSED
+
+
+def plan_json(plan: Plan) -> dict:
+    """A plan as JSON-ready data, with the memory totals spelled out."""
+    from dataclasses import fields, is_dataclass
+
+    from pydantic import BaseModel
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            return value.model_dump()
+        if is_dataclass(value) and not isinstance(value, type):
+            return {f.name: convert(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    data = convert(plan)
+    if plan.memory is not None:
+        m = plan.memory
+        data["memory"].update(allocated_bytes=m.allocated_bytes, peak_bytes=m.peak_bytes,
+                              margin_bytes=m.margin_bytes, fits=m.fits)
+    return data
+
+
+def render_plans(out: Console, job: Any, plans: list[Plan], *, breakdown: bool) -> None:
+    from rich.table import Table
+
+    from runner.units import format_bytes, format_count, format_duration
+
+    first = next((p for p in plans if p.profile), plans[0])
+    title = f"{job.name}  ({job.file})"
+    out.print(f"[bold]{title}[/bold]")
+    if first.params:
+        budget = (f"{format_count(first.budget_tokens)} tokens" if first.budget_tokens else
+                  f"{job.spec.budget.epochs:g} epochs" if job.spec.budget.epochs else
+                  f"{job.spec.budget.max_steps:,} steps")
+        out.print(f"  model {format_count(first.params)} params · budget {budget}")
+    if first.overrides:
+        out.print("  overrides: " + ", ".join(first.overrides))
+    passing = [p for p in plans if p.passes]
+    cheapest = min(passing, key=lambda p: (p.cost_usd, p.seconds), default=None)
+    fastest = min(passing, key=lambda p: (p.seconds, p.cost_usd), default=None)
+
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for name, justify in (("host", "left"), ("profile", "left"), ("ok", "left"), ("peak / capacity", "right"),
+                          ("batch x accum", "right"), ("precision", "left"), ("steps", "right"),
+                          ("tokens/s", "right"), ("time", "right"), ("cost", "right"), ("", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for p in plans:
+        marks = [m for m, chosen in (("cheapest", cheapest), ("fastest", fastest)) if chosen is p]
+        if p.memory is None:
+            table.add_row(p.host, "?", "no", "-", "-", "-", "-", "-", "-", "-", "")
+            continue
+        ok = "yes" if p.passes else ("no: memory" if not p.fits else "no: caps")
+        batches = " / ".join(dict.fromkeys(f"{s.micro_batch}x{s.grad_accum}" for s in p.stages))
+        table.add_row(
+            p.host, p.profile, ok,
+            f"{format_bytes(p.memory.peak_bytes)} / {format_bytes(p.memory.capacity_bytes)}",
+            batches, p.precision, f"{p.steps:,}", format_count(p.tokens_per_s), format_duration(p.seconds),
+            f"${p.cost_usd:,.2f}", " ".join(marks))
+    out.print(table)
+
+    shown: set[str] = set()
+    for p in plans:
+        for reason in p.reasons:
+            out.print(f"  [red]x[/red] {p.host}: {reason}")
+        for fix in p.fixes:
+            hint = fix.command_hint()
+            out.print(f"    fix: {fix.summary}" + (f"  [dim]({hint})[/dim]" if hint else ""))
+        for warning in p.warnings:
+            if warning not in shown:
+                shown.add(warning)
+                out.print(f"  [yellow]![/yellow] {warning}")
+    if breakdown:
+        for p in plans:
+            if p.memory is not None:
+                render_breakdown(out, p)
+    out.print()
+
+
+def render_breakdown(out: Console, plan: Plan) -> None:
+    from rich.table import Table
+
+    from runner.units import format_bytes, format_count
+
+    m = plan.memory
+    assert m is not None
+    table = Table(title=f"memory on {plan.host} ({plan.profile}, {plan.precision}, "
+                        f"micro-batch {plan.micro_batch} x seq {max(s.seq_len for s in plan.stages)})",
+                  title_justify="left", show_edge=False, box=None, header_style="bold")
+    table.add_column("term")
+    table.add_column("bytes", justify="right")
+    table.add_column("how")
+    for term, nbytes, note in m.rows():
+        if nbytes:
+            table.add_row(term, format_bytes(nbytes), note)
+    table.add_row("[bold]peak[/bold]", f"[bold]{format_bytes(m.peak_bytes)}[/bold]",
+                  f"{format_bytes(m.allocated_bytes)} in tensors")
+    share = "unified memory" if m.device == "mps" else "memory"
+    table.add_row("capacity", format_bytes(m.capacity_bytes),
+                  f"{m.usable_share:.0%} of {format_bytes(m.memory_bytes)} {share}")
+    verdict = "fits" if m.fits else "does not fit"
+    table.add_row("[bold]verdict[/bold]", format_bytes(abs(m.margin_bytes)),
+                  f"{verdict}: {'spare' if m.fits else 'short'}")
+    out.print(table)
+    out.print(f"  throughput: {plan.throughput_source}; hardware: {plan.hardware_source}; "
+              f"{plan.model_flops:.3g} training FLOPs")
+
+
+# --- hosts --------------------------------------------------------------------------------
+
+@command("hosts list", "list the hosts in the inventory and their hardware")
+def hosts_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from runner.hosts import NotProbed, hardware, load_inventory
+    from runner.units import format_bytes
+
+    inventory = load_inventory(args.hosts_file)
+    out = console()
+    out.print(f"inventory: {inventory.file or 'none (only local)'}")
+    table = Table(show_edge=False, box=None, header_style="bold")
+    for name in ("host", "kind", "address", "profile", "gpus", "memory", "$/hour", "how we know"):
+        table.add_column(name)
+    for host in inventory.hosts.values():
+        address = "-" if host.kind == "local" else f"{host.ssh_target}:{host.port}"
+        try:
+            hw = hardware(host)
+        except NotProbed:
+            table.add_row(host.name, host.kind, address, "auto", "?", "?", "?", "not probed")
+            continue
+        table.add_row(host.name, host.kind, address, hw.profile.id, str(hw.gpus), format_bytes(hw.memory_bytes),
+                      f"{hw.price_usd_per_hour:g}", hw.source)
+    out.print(table)
+    return EXIT_OK
+
+
+@command("hosts catalog", "list the hardware profiles the planner knows")
+def hosts_catalog(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from runner.catalog import load_catalog
+    from runner.units import format_bytes
+
+    table = Table(show_edge=False, box=None, header_style="bold")
+    for name in ("profile", "name", "memory", "usable", "TFLOPS (best 16-bit)", "GB/s", "precisions", "image", "$/hour"):
+        table.add_column(name)
+    for p in load_catalog().profiles.values():
+        half = max((p.tflops.get(k, 0) for k in ("bf16", "fp16")), default=0) or p.tflops["fp32"]
+        table.add_row(p.id, p.name, format_bytes(p.memory_bytes), f"{p.usable_share:.0%}", f"{half:g}",
+                      f"{p.bandwidth_gbps:g}", ", ".join(p.precisions), p.image, f"{p.price_usd_per_hour:g}")
+    console().print(table)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
