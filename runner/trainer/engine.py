@@ -1,0 +1,123 @@
+"""The training step: forward under autocast, loss, backward, clipping, optimizer update.
+
+This is the hot path that the loop and ``bench/trainer_speed.py`` share. It
+never waits on the device: losses stay on the GPU as tensors until the loop
+reads them at a log interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runner.errors import UserError
+from runner.trainer.data import IGNORE
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}
+
+
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy over the non-ignored targets, computed in fp32.
+
+    The loss is ours (not the model's ``labels=`` path) so that targets can be
+    pre-shifted rows and so that torch.compile fuses the fp32 upcast into it.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=inputs, use_cache=False).logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE)
+
+
+def set_fast_math(device: torch.device, deterministic: bool) -> None:
+    """TF32 matmuls and cuDNN autotuning on CUDA, unless the run asks for determinism."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA, foreach elsewhere), 8-bit AdamW, or SGD with momentum.
+
+    Weight decay applies to matrices only, not to norms and biases.
+    """
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if kind == "adamw":
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **fast)
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optimizer adamw8bit needs the bitsandbytes package, which is not installed",
+                            field="train.optimizer", hint="pip install bitsandbytes (CUDA only), or use adamw") from None
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.95))
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+
+class Engine:
+    """One optimizer step over a list of micro-batches."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 precision: str, grad_clip: float, compile: bool):
+        self.model = model
+        self.optimizer = optimizer
+        self.device = device
+        self.grad_clip = grad_clip
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        loss = CausalLMLoss(model)
+        self.loss_fn = torch.compile(loss) if compile and device.type == "cuda" else loss
+        dtype = AUTOCAST.get(precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and device.type != "cpu" \
+            else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
+
+    def step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, lr: float) -> torch.Tensor:
+        """Accumulate gradients over ``count`` micro-batches, clip, update; the mean loss (on device)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in micro_batches:
+            with self.autocast():
+                loss = self.loss_fn(inputs, targets)
+            scaled = loss / count
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=self.device.type != "mps")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / count
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+        """Mean loss over the batches (one host sync at the end); None without batches."""
+        self.model.eval()
+        total, n = torch.zeros((), device=self.device), 0
+        for inputs, targets in batches:
+            with self.autocast():
+                total += self.loss_fn(inputs, targets).float()
+            n += 1
+        self.model.train()
+        return total.item() / n if n else None

@@ -1,0 +1,168 @@
+"""Build the network a run trains: a preset or dN from config, a local directory, or a hub id.
+
+Then, as the run asks: LoRA adapters (peft), quantized base weights
+(bitsandbytes), fp8 matmuls (torchao), gradient checkpointing. Full fine-tunes
+keep fp32 parameters (autocast does the low-precision math); LoRA stores the
+frozen base in the compute dtype and the adapters in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from runner import presets
+from runner.errors import UserError
+from runner.trainer import factorized
+
+if TYPE_CHECKING:
+    from runner.spec import Experiment, LoraSpec
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+AUTO_LORA_TARGETS = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+@dataclass
+class BuiltModel:
+    """The trainable module and the facts the loop needs about it."""
+
+    model: nn.Module  # the module whose state is saved (a PeftModel for LoRA)
+    shape: presets.ModelShape | None  # for FLOPs per token; None for an architecture we cannot count
+    lora: bool
+
+
+def config_from_shape(shape: presets.ModelShape):
+    """A transformers config for a shape; factorized shapes get our registered model type."""
+    from transformers import AutoConfig
+
+    values = shape.hf_config()
+    if values.get("embedding_dim"):
+        values["model_type"] = factorized.MODEL_TYPE
+    return AutoConfig.for_model(**values)
+
+
+def build_model(experiment: Experiment, job_dir: Path, device: torch.device, precision: str) -> BuiltModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = experiment.model
+    lora = experiment.lora is not None
+    # LoRA keeps the frozen base in the compute dtype; a full fine-tune trains fp32 master weights.
+    dtype = COMPUTE_DTYPES[precision] if lora and device.type != "cpu" else torch.float32
+    quantization = _quantization_config(experiment.quantization, dtype) if experiment.quantization != "none" else None
+    if spec.preset:
+        shape = presets.lookup_preset(spec.preset)
+        if shape is None:
+            raise UserError(f"unknown preset {spec.preset!r}", field="model.preset",
+                            hint="presets: " + ", ".join(presets.preset_names()))
+        shape = presets.with_overrides(shape, dict(spec.overrides))
+        if quantization is not None:
+            raise UserError("quantized base weights need pretrained weights", field="quantization",
+                            hint="use model.path or model.hub with pretrained: true")
+        model = AutoModelForCausalLM.from_config(config_from_shape(shape), attn_implementation="sdpa", dtype=dtype)
+    else:
+        source = _model_source(spec.path, spec.hub, job_dir)
+        try:
+            if spec.pretrained:
+                extra = {"quantization_config": quantization, "device_map": {"": device.index or 0}} if quantization else {}
+                model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", dtype=dtype, **extra)
+            else:
+                config = AutoConfig.from_pretrained(source)
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        except OSError as exc:
+            raise UserError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}", field="model",
+                            hint="for a hub id, the hub must be reachable; else download it and use model.path") from None
+        shape = _shape_of(model.config)
+    model.config.use_cache = False
+    if quantization is None:
+        model.to(device)
+    if experiment.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora:
+        model = _add_lora(model, experiment.lora, quantized=quantization is not None,
+                          checkpointing=experiment.train.gradient_checkpointing)
+    if precision == "fp8":
+        _convert_fp8(model, device)
+    return BuiltModel(model=model, shape=shape, lora=lora)
+
+
+def _model_source(path: str | None, hub: str | None, job_dir: Path) -> str:
+    if path:
+        local = Path(path).expanduser()
+        local = local if local.is_absolute() else job_dir / local
+        if not (local / "config.json").is_file():
+            raise UserError(f"no config.json in {local}", field="model.path",
+                            hint="point model.path at a Hugging Face model directory")
+        return str(local)
+    return hub or ""
+
+
+def _shape_of(config) -> presets.ModelShape | None:
+    try:
+        return presets.shape_from_hf_config(config.to_dict())
+    except (KeyError, TypeError):
+        return None
+
+
+def _quantization_config(kind: str, dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"quantization: {kind} needs the bitsandbytes package, which is not installed",
+                        field="quantization", hint="pip install bitsandbytes (CUDA only), or set quantization: none") from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+
+
+def lora_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
+    if spec.target_modules != "auto":
+        return list(spec.target_modules)
+    model_type = getattr(model.config, "model_type", "")
+    family = "gpt2" if model_type == "gpt2" else "llama"
+    return AUTO_LORA_TARGETS[family]
+
+
+def _add_lora(model: nn.Module, spec: LoraSpec, *, quantized: bool, checkpointing: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=lora_targets(model, spec), task_type="CAUSAL_LM",
+                        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2")
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+    return model
+
+
+def _convert_fp8(model: nn.Module, device: torch.device) -> None:
+    if device.type != "cuda":
+        raise UserError("fp8 training needs a CUDA GPU (Ada or Hopper)", field="train.precision")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise UserError("precision fp8 needs the torchao package, which is not installed",
+                        field="train.precision", hint="pip install torchao, or use bf16") from None
+
+    def eligible(module: nn.Module, name: str) -> bool:
+        # float8 matmuls need dimensions divisible by 16; the LM head stays in bf16 for accuracy
+        return (isinstance(module, nn.Linear) and "lm_head" not in name
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, module_filter_fn=eligible)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
