@@ -19,6 +19,7 @@ Path_ = tuple[str | int, ...]
 
 MAX_NODES = 200_000  # generous for any real job file; a billion-laughs bomb exceeds it at once
 MAX_BYTES = 4 * 2**20
+_COLLECTION_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 
 
 @dataclass
@@ -80,7 +81,10 @@ def load_file(path: str | Path) -> Doc:
 
 def load_text(text: str, name: str = "<string>") -> Doc:
     """Load YAML text; ``name`` is what error messages call it."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character PyYAML will not read
+        raise UserError(f"YAML error: {exc.reason}", file=name) from None
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -88,6 +92,8 @@ def load_text(text: str, name: str = "<string>") -> Doc:
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         problem = exc.problem or exc.context or "invalid YAML"
         raise UserError(f"YAML syntax error: {problem}", file=name, line=line, col=col) from None
+    except yaml.reader.ReaderError as exc:
+        raise UserError(f"YAML error: {exc.reason}", file=name) from None
     except yaml.YAMLError as exc:
         raise UserError(f"YAML error: {exc}", file=name) from None
     finally:
@@ -115,6 +121,9 @@ class _Builder:
                 file=self.doc.file, line=node.start_mark.line + 1, col=node.start_mark.column + 1,
             )
         self.doc.value_pos.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
+            raise UserError(f"unsupported tag {node.tag}", file=self.doc.file,
+                            line=node.start_mark.line + 1, col=node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
