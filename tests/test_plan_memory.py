@@ -1,0 +1,191 @@
+"""The memory model: each term follows the trainer's conventions, and the verdicts and fixes follow from them."""
+
+from pathlib import Path
+
+import pytest
+
+from runner.hosts import Host, Inventory
+from runner.plan import AUTO_MARGIN, plan_job
+from runner.plan.memory import LoraShape, estimate_memory, lora_params
+from runner.presets import PRESETS
+from runner.spec import load_jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+INVENTORY = Inventory({
+    "local": Host(name="local", kind="local", profile="cpu"),
+    "rtx4090": Host(name="rtx4090", profile="rtx-4090", price_usd_per_hour=0.35),
+    "a100": Host(name="a100", profile="a100-80gb", price_usd_per_hour=1.29),
+    "m1max": Host(name="m1max", profile="apple-m1-max", memory=32 * GiB),
+}, None)
+
+
+def memory(shape="gpt2-124m", **overrides):
+    settings = dict(seq_len=1024, micro_batch=8, precision="bf16", device="cuda", capacity_bytes=80 * GiB,
+                    memory_bytes=80 * GiB, usable_share=1.0, runtime_bytes=512 * 2**20)
+    settings.update(overrides)
+    return estimate_memory(PRESETS[shape], **settings)
+
+
+def job_from(tmp_path, text, sets=None):
+    (tmp_path / "d.txt").write_text("x" * 1000)
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return load_jobs(path, sets)[0]
+
+
+def test_full_training_keeps_16_bytes_per_parameter():
+    m = memory()
+    n = PRESETS["gpt2-124m"].param_count()
+    assert (m.weights_bytes, m.gradients_bytes, m.optimizer_bytes) == (4 * n, 4 * n, 8 * n)
+    assert m.master_weights_bytes == 0  # parameters are fp32 already under autocast
+
+
+def test_autocast_keeps_half_precision_copies_of_matmul_weights_and_fp32_does_not():
+    assert memory().weight_copies_bytes > 0
+    assert memory(precision="fp32").weight_copies_bytes == 0
+
+
+@pytest.mark.parametrize("optimizer, state_bytes", [("adamw", 8), ("adamw8bit", 2), ("sgd", 0)])
+def test_optimizer_state_bytes_per_parameter(optimizer, state_bytes):
+    m = memory(optimizer=optimizer)
+    assert m.optimizer_bytes == state_bytes * m.params
+
+
+def test_lora_freezes_the_base_in_the_compute_dtype_and_trains_fp32_adapters():
+    lora = LoraShape(16, ("q_proj", "v_proj"))
+    m = memory("llama-7b", lora=lora, seq_len=512, micro_batch=4)
+    shape = PRESETS["llama-7b"]
+    adapters = lora_params(shape, lora)
+    assert adapters == 32 * 16 * ((4096 + 4096) * 2)
+    assert m.weights_bytes == 2 * shape.param_count()
+    assert m.lora_bytes == 4 * adapters and m.gradients_bytes == 4 * adapters and m.optimizer_bytes == 8 * adapters
+    on_mac = memory("llama-7b", lora=lora, device="mps", precision="fp32")
+    assert on_mac.weights_bytes == 4 * shape.param_count()
+
+
+@pytest.mark.parametrize("quantization, bytes_per_param", [("8bit", 1.0), ("4bit", 0.5625)])
+def test_quantized_base_weights(quantization, bytes_per_param):
+    m = memory("llama-7b", lora=LoraShape(16, ("q_proj", "v_proj")), quantization=quantization)
+    assert m.base_weight_bytes_per_param == bytes_per_param
+    assert m.weights_bytes < memory("llama-7b", lora=LoraShape(16, ("q_proj",))).weights_bytes
+
+
+def test_activations_grow_linearly_with_sequence_length_no_attention_square():
+    short, long = memory(seq_len=512, micro_batch=8), memory(seq_len=1024, micro_batch=8)
+    assert long.activations_bytes == pytest.approx(2 * short.activations_bytes, rel=1e-9)
+    assert long.activations_per_layer_bytes == 2 * short.activations_per_layer_bytes
+
+
+def test_gradient_checkpointing_keeps_one_input_per_layer_plus_one_layer():
+    plain, ckpt = memory("llama-1b"), memory("llama-1b", gradient_checkpointing=True)
+    assert ckpt.activations_bytes < plain.activations_bytes / 5
+    assert ckpt.activations_bytes > ckpt.activations_per_layer_bytes
+
+
+def test_logits_and_loss_buffers_scale_with_vocabulary_and_tokens():
+    m = memory()
+    assert m.logits_bytes == 8 * 1024 * 50304 * (2 + 4 + 4 + 4)
+    assert memory(precision="fp32").logits_bytes == 8 * 1024 * 50304 * 16
+
+
+def test_runtime_and_allocator_headroom_are_counted_on_gpus():
+    m = memory()
+    assert m.runtime_bytes == 512 * 2**20
+    assert m.headroom_bytes == int(m.allocated_bytes * 0.10)
+    assert m.peak_bytes == m.allocated_bytes + m.headroom_bytes + m.runtime_bytes
+    assert memory(device="cpu", precision="fp32").headroom_bytes == 0
+
+
+def test_gradients_are_live_in_backward_only_with_accumulation():
+    one, four = memory("llama-1b", gradient_checkpointing=True), memory("llama-1b", gradient_checkpointing=True, grad_accum=4)
+    assert four.backward_peak_bytes - one.backward_peak_bytes <= four.gradients_bytes
+    assert four.backward_peak_bytes > one.backward_peak_bytes
+
+
+def test_the_verdict_compares_peak_with_capacity():
+    m = memory(capacity_bytes=8 * GiB)
+    assert not m.fits and m.margin_bytes == 8 * GiB - m.peak_bytes
+    assert memory().fits
+
+
+def test_apple_capacity_is_the_usable_share_of_unified_memory(tmp_path):
+    job = load_jobs(ROOT / "jobs" / "fin-cpt-m1max.yaml")[0]
+    plan = plan_job(job, "m1max", inventory=INVENTORY)
+    assert plan.memory.capacity_bytes == int(32 * GiB * 0.75)
+    assert plan.precision == "fp32" and plan.device == "mps" and plan.compile is False
+
+
+def test_plan_refuses_7b_full_finetune_on_24gb_and_suggests_lora(tmp_path):
+    job = job_from(tmp_path, """\
+name: full7b
+model: {hub: meta-llama/Llama-2-7b-hf, pretrained: true, shape: llama-7b}
+data: {sources: [{path: d.txt}], seq_len: 512}
+train: {batch_size: 4, precision: bf16}
+budget: {tokens: 10M}
+""")
+    plan = plan_job(job, "rtx4090", inventory=INVENTORY)
+    assert not plan.fits and not plan.passes
+    assert "needs" in plan.reasons[0] and "short" in plan.reasons[0]
+    assert any("LoRA" in f.summary and "lora.rank=16" in f.sets for f in plan.fixes)
+
+
+def test_a_job_that_fits_with_a_smaller_micro_batch_is_told_so(tmp_path):
+    job = job_from(tmp_path, """\
+name: big-batch
+model: gpt2-124m
+data: {sources: [{path: d.txt}], seq_len: 1024}
+train: {batch_size: 32, precision: bf16}
+budget: {tokens: 10M}
+""")
+    plan = plan_job(job, "rtx4090", inventory=INVENTORY)
+    assert not plan.fits
+    first = plan.fixes[0]
+    assert "same tokens per step" in first.summary
+    micro, accum = (int(s.split("=")[1]) for s in first.sets)
+    assert micro * accum == 32 and micro < 32
+
+
+def test_batch_auto_picks_the_largest_micro_batch_that_fits_with_margin(tmp_path):
+    job = job_from(tmp_path, """\
+name: auto
+model: gpt2-124m
+data: {sources: [{path: d.txt}], seq_len: 1024}
+train: {batch_size: auto, tokens_per_step: 512k}
+budget: {tokens: 10M}
+""")
+    plan = plan_job(job, "rtx4090", inventory=INVENTORY)
+    m = plan.memory
+    assert plan.passes and m.margin_bytes >= AUTO_MARGIN * m.capacity_bytes
+    bigger = memory(micro_batch=plan.micro_batch + 1, capacity_bytes=m.capacity_bytes, usable_share=m.usable_share)
+    assert plan.micro_batch * plan.grad_accum * 1024 >= 512_000  # accumulation keeps the tokens per step
+    assert (plan.micro_batch - 1) * plan.grad_accum * 1024 < 512_000 or \
+        bigger.margin_bytes < AUTO_MARGIN * bigger.capacity_bytes
+
+
+def test_batch_auto_without_tokens_per_step_keeps_the_written_accumulation(tmp_path):
+    job = job_from(tmp_path, """\
+name: auto
+model: tiny
+data: {sources: [{path: d.txt}], seq_len: 128}
+train: {batch_size: auto, grad_accum: 2}
+budget: {tokens: 1M}
+""")
+    plan = plan_job(job, "a100", inventory=INVENTORY)
+    assert plan.grad_accum == 2 and plan.micro_batch > 8
+
+
+def test_precision_auto_resolves_per_profile(tmp_path):
+    job = load_jobs(ROOT / "jobs" / "quickstart.yaml")[0]
+    assert plan_job(job, "a100", inventory=INVENTORY).precision == "bf16"
+    assert plan_job(job, "local", inventory=INVENTORY).precision == "fp32"
+    v100 = Inventory({"v": Host(name="v", profile="v100-32gb")}, None)
+    assert plan_job(job, "v", inventory=v100).precision == "fp16"
+
+
+def test_bf16_on_a_v100_is_refused_with_a_precision_fix(tmp_path):
+    job = load_jobs(ROOT / "jobs" / "fin-cpt-4090.yaml")[0]
+    v100 = Inventory({"v": Host(name="v", profile="v100-32gb")}, None)
+    plan = plan_job(job, "v", inventory=v100)
+    assert not plan.passes and "bf16 is not supported on v100-32gb" in plan.reasons[0]
+    assert plan.fixes[0].sets == ("train.precision=fp16",)
