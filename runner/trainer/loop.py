@@ -7,6 +7,7 @@ ends with ``RUN_DIR/summary.json``; it never raises (an error is an exit reason)
 from __future__ import annotations
 
 import json
+import itertools
 import math
 import os
 import random
@@ -62,17 +63,17 @@ class Segment:
 
 def train(resolved: ResolvedRun, run_dir: Path) -> Summary:
     """Run the resolved plan into ``run_dir``; the summary says how it ended."""
-    summary = Summary()
-    started = time.monotonic()
+    run = Run(resolved, run_dir)
+    summary = run.summary
     try:
-        _Run(resolved, run_dir, summary, started).run()
+        run.execute()
     except UserError as exc:
         summary.exit_reason, summary.error = "error", exc.render()
         print(f"error: {exc.render()}", file=sys.stderr, flush=True)
     except Exception as exc:  # a bug, not a user error: keep the traceback
         traceback.print_exc()
         summary.exit_reason, summary.error = "error", f"{type(exc).__name__}: {exc}"
-    summary.wall_s = round(time.monotonic() - started, 3)
+    summary.wall_s = round(time.monotonic() - run.started, 3)
     summary.write(run_dir)
     return summary
 
@@ -91,8 +92,8 @@ def pick_device(wanted: str) -> torch.device:
 
 def plan_segments(resolved: ResolvedRun, stage_steps: list[int], phase_shares: list[float]) -> tuple[list[Segment], list[tuple[int, int]]]:
     """Cut the run into segments at stage boundaries and at the steps where phases' token shares end."""
-    stage_ends = list(np.cumsum(stage_steps))
-    total = int(stage_ends[-1]) if stage_ends else 0
+    stage_ends = list(itertools.accumulate(stage_steps))
+    total = stage_ends[-1] if stage_ends else 0
     tokens_after = [0]
     for stage, steps in zip(resolved.stages, stage_steps):
         for _ in range(steps):
@@ -129,13 +130,17 @@ def lr_at(step: int, phase: Phase, warmup_steps: int, min_lr_ratio: float) -> fl
     return phase.lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class _Run:
-    def __init__(self, resolved: ResolvedRun, run_dir: Path, summary: Summary, started: float):
-        self.resolved, self.run_dir, self.summary, self.started = resolved, run_dir, summary, started
+class Run:
+    """One training run; ``execute`` raises on errors (``train`` turns them into a summary)."""
+
+    def __init__(self, resolved: ResolvedRun, run_dir: Path):
+        self.resolved, self.run_dir = resolved, run_dir
+        self.summary = Summary()
+        self.started = time.monotonic()
         self.exp = resolved.experiment
         self.train_spec = self.exp.train
 
-    def run(self) -> None:
+    def execute(self) -> None:
         self._setup()
         self._resume()
         self._loop()
@@ -367,22 +372,18 @@ class _Run:
         if loss is None:
             return None
         self.best_eval = loss if self.best_eval is None else min(self.best_eval, loss)
+        rule = self.exp.early_stopping
+        if rule and (self.plateau_loss is None or loss < self.plateau_loss - rule.min_delta):
+            self.plateau_loss, self.plateau_step = loss, self.step
         self.metrics.write("eval", step=self.step, tokens=self.tokens, eval_loss=round(loss, 6),
                            phase=self.phases[self.phase_index].name)
         print(f"eval step {self.step:>6} | eval loss {loss:.4f}", flush=True)
-        self._last_eval = loss
         return loss
 
     def _plateaued(self) -> bool:
-        """Early stopping: no improvement of at least min_delta for patience_steps steps."""
+        """Early stopping: no eval improved on the reference by min_delta for patience_steps steps."""
         rule = self.exp.early_stopping
-        loss = getattr(self, "_last_eval", None)
-        if rule is None or loss is None:
-            return False
-        if self.plateau_loss is None or loss < self.plateau_loss - rule.min_delta:
-            self.plateau_loss, self.plateau_step = loss, self.step
-            return False
-        return self.step - self.plateau_step >= rule.patience_steps
+        return bool(rule) and self.plateau_loss is not None and self.step - self.plateau_step >= rule.patience_steps
 
     def _checkpoint(self) -> None:
         from safetensors.torch import save_file, save_model
