@@ -13,6 +13,7 @@ from runner.trainer.data import IGNORE, Corpus, RowStream, SourceTokens, mixture
 from runner.trainer.tokenizer import fingerprint, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+_SETUP: dict = {}  # what the news fixture tokenized with
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def news(tmp_path_factory) -> tuple[SourceTokens, int]:
     tokenizer = load_tokenizer(exp, ROOT, cache / "run", cache, 1024, key,
                                lambda: corpus.split(data.sources[0], data.validation)[0])
     (source,) = tokenize_sources(corpus, data, tokenizer, fingerprint(tokenizer))
-    news.setup = (data, tokenizer, cache)
+    _SETUP.update(data=data, tokenizer=tokenizer, cache=cache)
     return source, tokenizer.eos_token_id
 
 
@@ -111,7 +112,7 @@ def test_sampling_is_deterministic_for_a_seed_and_resumes_from_its_saved_positio
 
 def test_tokenization_is_cached_by_data_tokenizer_and_settings(news, monkeypatch):
     source, _ = news
-    data, tokenizer, cache = news.setup
+    data, tokenizer, cache = _SETUP["data"], _SETUP["tokenizer"], _SETUP["cache"]
     assert source.train.dtype == np.uint16  # a 1,024-token vocabulary fits two bytes per token
     assert len(source.val_offsets) - 1 == round(3000 * 0.05)  # the held-out share of documents
 
