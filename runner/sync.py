@@ -300,7 +300,8 @@ def _pull_once(sftp: paramiko.SFTPClient, remote_root: str, local_root: Path, ta
         manifest_rel = f"{ckpt}/{MANIFEST_NAME}"
         in_dir = [rel for rel in files if rel.startswith(ckpt + "/")]
         governed.update(in_dir)
-        if manifest_rel not in files:
+        # The trainer writes into a hidden directory and renames it when done.
+        if manifest_rel not in files or ckpt.split("/")[1].startswith("."):
             tally.pending.extend(in_dir)
             continue
         _pull_checkpoint(sftp, remote_root, local_root, ckpt, files, tally, done)
