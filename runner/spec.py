@@ -36,19 +36,27 @@ Mixture = Literal["proportional", "sqrt", "50cap", "weights"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Attribute docstrings become field descriptions: docs/job-file.md is generated from them.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelSpec(Strict):
     """Which network: a preset shape, a local Hugging Face directory, or a hub id."""
 
     preset: str | None = None
+    """A named shape: gpt2-124m, gpt2-355m, llama-160m, llama-1b, llama-7b, factorized-197m, tiny, or dN (nanochat depth)."""
     path: str | None = None
+    """A local Hugging Face model directory (config.json, optionally weights)."""
     hub: str | None = None
-    pretrained: bool = False  # load weights (path/hub) instead of a fresh initialisation
-    overrides: dict[str, int | bool] = {}  # change preset fields: layers, hidden, vocab_size, ...
-    tokenizer: str | None = None  # a directory or hub id; default: the model's, else BPE trained on the data
-    shape: str | None = None  # a preset whose shape the planner uses when a hub config cannot be read offline
+    """A Hugging Face hub model id."""
+    pretrained: bool = False
+    """Load weights (path/hub) instead of a fresh initialisation."""
+    overrides: dict[str, int | bool] = {}
+    """Change preset fields: layers, hidden, vocab_size, ..."""
+    tokenizer: str | None = None
+    """A directory or hub id; default: the model's, else BPE trained on the data."""
+    shape: str | None = None
+    """A preset whose shape the planner uses when a hub config cannot be read offline."""
 
     @model_validator(mode="before")
     @classmethod
@@ -74,15 +82,25 @@ class SourceSpec(Strict):
     """One data source: a local file or a Hugging Face dataset id."""
 
     name: Name | None = None
+    """A label for reports; default: the file's stem or the dataset id."""
     path: str | None = None
-    hf: str | None = None  # a Hugging Face dataset id
+    """A local .jsonl, .parquet or .txt file, relative to the job file."""
+    hf: str | None = None
+    """A Hugging Face dataset id."""
     subset: str | None = None
+    """The dataset configuration, for `hf` sources."""
     split: str = "train"
+    """Which split of an `hf` dataset to read."""
     format: Literal["auto", "jsonl", "parquet", "txt"] = "auto"
+    """File format; auto: from the extension."""
     text_fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1)
-    tokens: Count | None = None  # declared size, used by the planner for epochs and coverage
+    """Fields joined to make each document's text (jsonl/parquet)."""
+    tokens: Count | None = None
+    """Declared size, used by the planner for epochs and coverage."""
     samples: Count | None = None
-    weight: float | None = Field(default=None, gt=0)  # only for mixture: weights
+    """Declared number of samples, used by the planner for epochs and coverage."""
+    weight: float | None = Field(default=None, gt=0)
+    """Only for mixture: weights."""
 
     @model_validator(mode="after")
     def _one_place(self) -> SourceSpec:
@@ -99,10 +117,15 @@ class DataSpec(Strict):
     """What the model reads, how sources are mixed, and how text becomes sequences."""
 
     sources: list[SourceSpec] = Field(min_length=1)
+    """One or more sources, mixed by `mixture`."""
     mixture: Mixture = "proportional"
-    validation: float = Field(default=0.01, ge=0, lt=0.5)  # held-out share of every source
+    """How sources are weighted: by size, by the square root of size, by size with no source above 50%, or by explicit `weight`s."""
+    validation: float = Field(default=0.01, ge=0, lt=0.5)
+    """Held-out share of every source."""
     seq_len: PositiveInt | None = None
+    """Tokens per training sequence (required unless a curriculum sets it)."""
     packing: bool = True
+    """Concatenate documents into full sequences; off: one (padded) sample per sequence."""
 
     @model_validator(mode="after")
     def _weights(self) -> DataSpec:
@@ -121,57 +144,100 @@ class DataSpec(Strict):
 class TrainSpec(Strict):
     """How each optimizer step is computed."""
 
-    batch_size: PositiveInt | Literal["auto"] = 8  # sequences per micro-batch per GPU
+    batch_size: PositiveInt | Literal["auto"] = 8
+    """Sequences per micro-batch per GPU."""
     grad_accum: PositiveInt = 1
-    tokens_per_step: Count | None = None  # with batch_size auto: accumulation makes up this many tokens per step
+    """Micro-batches accumulated per optimizer step."""
+    tokens_per_step: Count | None = None
+    """With batch_size auto: accumulation makes up this many tokens per step."""
     precision: Precision = "auto"
+    """auto: bf16 on Ampere and newer, fp16 on older CUDA GPUs, fp32 on Apple (MPS) and CPU."""
     gradient_checkpointing: bool = False
-    compile: bool | Literal["auto"] = "auto"  # torch.compile on CUDA
+    """Recompute activations in backward: much less memory, about a third more compute."""
+    compile: bool | Literal["auto"] = "auto"
+    """Use torch.compile; auto: on CUDA only."""
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    """adamw, adamw8bit (8-bit states, bitsandbytes) or sgd (no momentum, no state)."""
     lr: float = Field(default=3e-4, gt=0, lt=10)
+    """Peak learning rate."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Final learning rate as a share of the peak (cosine decay)."""
     warmup_steps: int = Field(default=100, ge=0)
+    """Linear warmup steps."""
     weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW weight decay."""
     grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the gradient norm to this (0: off)."""
     seed: int = 1337
+    """Seeds data order and initialisation."""
     deterministic: bool = False
+    """Ask torch for deterministic kernels (slower)."""
     gpus: PositiveInt = 1
+    """GPUs on the host to train on (data parallel)."""
     log_every_steps: PositiveInt = 10
+    """How often to log training metrics."""
+
+    @model_validator(mode="after")
+    def _step_size(self) -> TrainSpec:
+        if self.tokens_per_step is not None and self.batch_size != "auto":
+            raise ValueError("tokens_per_step is for batch_size: auto; with a fixed batch_size set grad_accum")
+        if self.tokens_per_step == 0:
+            raise ValueError("tokens_per_step must be positive")
+        return self
 
 
 class LoraSpec(Strict):
+    """Low-rank adapters trained on a frozen base model."""
+
     rank: PositiveInt = 16
+    """Rank of the adapters."""
     alpha: float = Field(default=32, gt=0)
+    """Scaling numerator (the update is scaled by alpha / rank)."""
     dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapters' input."""
     target_modules: list[str] | Literal["auto"] = "auto"
+    """Linear layers to adapt, e.g. [q_proj, v_proj]; auto: PEFT's default for the architecture."""
 
 
 class Stage(Strict):
     """A curriculum stage: its sequence shape holds for its share of the token budget."""
 
     seq_len: PositiveInt
+    """Tokens per sequence in this stage."""
     batch_size: PositiveInt
+    """Sequences per micro-batch per GPU in this stage."""
     grad_accum: PositiveInt = 1
+    """Micro-batches per optimizer step in this stage."""
     share: Share
+    """Share of the token budget this stage trains on; shares add up to 1."""
 
 
 class Phase(Strict):
     """A phase of one run (pretrain, then SFT) with its share of the budget and its own data."""
 
     name: Name
+    """Names the phase in logs and reports."""
     share: Share
+    """Share of the token budget; shares add up to 1."""
     data: DataSpec | None = None
+    """Data for this phase; default: the experiment's."""
     lr: float | None = Field(default=None, gt=0)
+    """Peak learning rate for this phase; default: train.lr."""
 
 
 class BudgetSpec(Strict):
     """How much to train, and the caps the runner enforces while it does."""
 
     tokens: Count | None = None
+    """Train on this many tokens: steps = floor(tokens / tokens per step)."""
     epochs: float | None = Field(default=None, gt=0)
+    """Train for this many passes over the data (needs sizes to plan)."""
     max_steps: PositiveInt | None = None
+    """Stop after this many steps; alone it is the budget, beside tokens or epochs it caps them."""
     max_cost_usd: float | None = Field(default=None, gt=0)
+    """Refuse to plan, and stop the run, beyond this cost."""
     max_hours: Hours | None = None
+    """Refuse to plan, and checkpoint and stop the run, beyond this wall-clock time."""
 
     @field_validator("tokens")
     @classmethod
@@ -191,38 +257,60 @@ class BudgetSpec(Strict):
 
 class CheckpointSpec(Strict):
     every_steps: PositiveInt = 500
+    """Save a checkpoint every this many steps (and at the end)."""
     keep_last: PositiveInt = 3
+    """Keep this many most recent checkpoints."""
 
 
 class EvalSpec(Strict):
     on_start: bool = True
+    """Evaluate before the first step (a baseline)."""
     every_steps: PositiveInt = 200
+    """Evaluate every this many steps."""
     max_batches: PositiveInt = 20
+    """Validation batches per evaluation."""
 
 
 class EarlyStopSpec(Strict):
     patience_steps: PositiveInt
+    """Stop after this many steps without improvement of the validation loss."""
     min_delta: float = Field(default=0.0, ge=0)
+    """The smallest decrease of the validation loss that counts as improvement."""
 
 
 class Experiment(Strict):
     """One experiment: everything needed to plan it and run it as one run."""
 
     name: Name
+    """Names the run; letters, digits, `.`, `_`, `-`."""
     description: str | None = None
+    """Free text shown in listings."""
     model: ModelSpec
+    """Which network to train (a preset name is shorthand for `{preset: NAME}`)."""
     data: DataSpec
+    """What the model reads."""
     train: TrainSpec = TrainSpec()
+    """How each optimizer step is computed."""
     lora: LoraSpec | None = None
+    """Train low-rank adapters on a frozen base instead of every weight."""
     quantization: Literal["none", "8bit", "4bit"] = "none"
+    """Store the frozen base in 8 or 4 bits (needs `lora`)."""
     budget: BudgetSpec
+    """How much to train, and the money and time caps."""
     curriculum: list[Stage] = []
+    """Stages with their own sequence length and batch, each a share of the token budget, run in order."""
     phases: list[Phase] = []
+    """Consecutive parts of the run (e.g. pretrain then SFT), each a share of the budget with its own data and lr."""
     checkpoint: CheckpointSpec = CheckpointSpec()
+    """How often to save, and how many checkpoints to keep."""
     eval: EvalSpec = EvalSpec()
+    """When to evaluate on the validation split."""
     early_stopping: EarlyStopSpec | None = None
-    hosts: list[str] = []  # candidate hosts; empty means every host in the inventory
+    """Stop when the validation loss has not improved for a while."""
+    hosts: list[str] = []
+    """Candidate hosts from the inventory; empty means every host."""
     backend: Literal["auto", "docker", "native"] = "auto"
+    """How to run on the host: in a container (docker), natively (Apple), or auto."""
 
     @model_validator(mode="after")
     def _coherent(self) -> Experiment:
@@ -256,8 +344,10 @@ class Job:
     spec: Experiment
     file: str
     doc: Doc = field(repr=False)
-    prefixes: tuple[Path_, ...] = ((),)  # where this experiment's keys live in the doc, most specific first
-    overrides: dict[Path_, str] = field(default_factory=dict)  # path -> the --set text that set it
+    prefixes: tuple[Path_, ...] = ((),)
+    """Where this experiment's keys live in the doc, most specific first."""
+    overrides: dict[Path_, str] = field(default_factory=dict)
+    """Path -> the --set text that set it."""
 
     @property
     def name(self) -> str:

@@ -155,3 +155,14 @@ def test_any_mapping_either_loads_or_fails_with_located_user_errors(data):
     except UserErrors as exc:
         for error in exc.errors:
             assert isinstance(error, UserError) and error.render().startswith("fuzz.yaml")
+
+
+def test_the_committed_job_file_reference_is_up_to_date():
+    from runner.reference import render
+    committed = (ROOT / "docs" / "job-file.md").read_text()
+    assert committed == render(), "regenerate it: python -m runner.reference > docs/job-file.md"
+
+
+def test_tokens_per_step_only_goes_with_batch_size_auto(tmp_path):
+    [error] = errors_of(tmp_path, GOOD.replace("batch_size: 8", "batch_size: 8\n  tokens_per_step: 64k"))
+    assert ": train: tokens_per_step is for batch_size: auto" in error
