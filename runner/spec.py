@@ -157,7 +157,7 @@ class TrainSpec(Strict):
     compile: bool | Literal["auto"] = "auto"
     """Use torch.compile; auto: on CUDA only."""
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
-    """adamw, adamw8bit (8-bit states, bitsandbytes) or sgd (no momentum, no state)."""
+    """adamw, adamw8bit (8-bit states, bitsandbytes, CUDA only) or sgd (momentum 0.9)."""
     lr: float = Field(default=3e-4, gt=0, lt=10)
     """Peak learning rate."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
@@ -196,7 +196,7 @@ class LoraSpec(Strict):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapters' input."""
     target_modules: list[str] | Literal["auto"] = "auto"
-    """Linear layers to adapt, e.g. [q_proj, v_proj]; auto: PEFT's default for the architecture."""
+    """Linear layers to adapt, e.g. [q_proj, v_proj]; auto: the attention projections (q/k/v/o, or GPT-2's c_attn and c_proj)."""
 
 
 class Stage(Strict):

@@ -7,7 +7,8 @@ Conventions (the trainer's, and so this model's):
   every matmul weight from forward until backward has used it;
 - LoRA stores the frozen base in the compute dtype (2 B/param on CUDA, fp32 on
   CPU and MPS) or 8/4-bit, and trains fp32 adapters with their own AdamW states;
-- adamw8bit keeps 2 B/param of state; sgd (no momentum) keeps none;
+- adamw8bit keeps 2 B/param of state; sgd keeps its momentum, 4 B/param;
+- AdamW is fused on CUDA (no temporaries) and foreach elsewhere;
 - attention is SDPA/flash: activations grow with seq, never seq^2.
 
 Activation bytes per token and layer count what autograd saves in eager mode
@@ -42,12 +43,13 @@ _ACTIVATION: dict[tuple[str, bool], tuple[float, float, float]] = {
 # fp32 log-softmax output cross-entropy saves, and in backward its incoming and
 # outgoing fp32 gradients. In fp32 the logits are 4 B and there is no upcast copy.
 _LOGITS_BYTES = {True: 2 + 4 + 4 + 4, False: 4 + 4 + 4 + 4}
-_OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}
-# torch's foreach AdamW builds one fp32 temporary the size of the parameters (sqrt of
-# the second moment) while it steps.
-_OPTIMIZER_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0, "sgd": 0}
-# bitsandbytes: int8 weights; NF4 packs two weights per byte plus an fp32 absmax per 64.
-_QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
+_OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 4}
+# torch's foreach AdamW (CPU, MPS) builds one fp32 temporary the size of the parameters
+# (sqrt of the second moment) while it steps; the fused CUDA kernel builds none.
+_FOREACH_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0, "sgd": 0}
+# bitsandbytes: int8 weights; NF4 packs two weights per byte, with double quantization
+# an 8-bit absmax per 64 weights and an fp32 scale per 256 absmaxes.
+_QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 ALLOCATOR_HEADROOM = 0.10  # the caching allocator's fragmentation: reserved exceeds allocated by ~5-15%
 
 
@@ -59,8 +61,8 @@ class LoraShape:
     target_modules: tuple[str, ...]
 
 
-# PEFT's defaults for target_modules: auto.
-DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj")}
+# What the trainer adapts for target_modules: auto.
+DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn", "c_proj"), "llama": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
 def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> tuple[str, ...]:
@@ -203,7 +205,7 @@ def estimate_memory(
         adapters = 0
     else:
         trainable = lora_params(shape, lora)
-        compute_bpp = 2.0 if autocast and device == "cuda" else 4.0
+        compute_bpp = 2.0 if autocast and device != "cpu" else 4.0
         block_params = shape.layers * _block_linear_params(shape)
         if quantization in _QUANTIZED_BYTES:
             weight_bpp = _QUANTIZED_BYTES[quantization]
@@ -215,11 +217,11 @@ def estimate_memory(
         adapters = 4 * trainable
     gradients = 4 * trainable
     optimizer_states = _OPTIMIZER_STATE_BYTES[optimizer] * trainable
-    step_temp = _OPTIMIZER_STEP_TEMP_BYTES[optimizer] * trainable
+    step_temp = _FOREACH_STEP_TEMP_BYTES[optimizer] * trainable if device != "cuda" else 0
 
     tokens = micro_batch * seq_len
     per_layer = int(tokens * activation_bytes_per_token_layer(shape, autocast))
-    residual_bytes = 4 if (lora is None or not autocast or device != "cuda") else 2
+    residual_bytes = 4 if (lora is None or not autocast or device == "cpu") else 2
     final_norm = tokens * shape.hidden * (residual_bytes * 2 + (2 if autocast else 0))
     if gradient_checkpointing:
         # Each layer keeps its input; backward recomputes one layer at a time.
