@@ -41,7 +41,7 @@ class Host(BaseModel):
     address: str | None = None  # a hostname, an IP, or an alias from ~/.ssh/config; default: the name
     user: str | None = None
     port: int = Field(default=22, ge=1, le=65535)
-    key: str | None = None  # private key file; default: ssh's own choice (agent, ~/.ssh/config)
+    key: str | None = None  # private key file; default: whatever ssh picks (~/.ssh/config, loaded keys)
     profile: str = "auto"  # a catalog id, or auto: detected (local) or probed (ssh)
     gpus: int | None = Field(default=None, ge=1)  # default: detected (local auto) or 1
     price_usd_per_hour: float | None = Field(default=None, ge=0)  # default: the profile's
