@@ -1,0 +1,98 @@
+"""Models the trainer builds: presets, the factorized LLaMA, local directories, hub ids, LoRA targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from runner import presets
+from runner.errors import UserError
+from runner.resolved import ResolvedRun, StagePlan
+from runner.spec import Experiment
+from runner.trainer.models import build_model, config_from_shape, lora_targets
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+def experiment(model: dict | str, **extra) -> Experiment:
+    return Experiment.model_validate({"name": "m", "model": model, "budget": {"tokens": 1000},
+                                      "data": {"sources": [{"path": "data/sample/news.jsonl"}], "seq_len": 32},
+                                      **extra})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_factorized_models_parameter_count_equals_the_presets(tie):
+    shape = presets.with_overrides(presets.PRESETS["factorized-197m"],
+                                   {"layers": 2, "hidden": 256, "heads": 4, "intermediate": 512, "tie_embeddings": tie})
+    model = AutoModelForCausalLM.from_config(config_from_shape(shape))
+    assert sum(p.numel() for p in model.parameters()) == shape.param_count()
+    assert type(model).__name__ == "FactorizedLlamaForCausalLM"
+    assert model.model.embed_tokens.table.weight.shape == (shape.vocab_size, 128)
+    assert (model.lm_head.weight is model.model.embed_tokens.table.weight) == tie
+
+
+@pytest.mark.slow
+def test_the_full_factorized_197m_preset_builds_with_the_presets_parameter_count():
+    built = build_model(experiment("factorized-197m"), ROOT, CPU, "fp32")
+    assert sum(p.numel() for p in built.model.parameters()) == presets.PRESETS["factorized-197m"].param_count()
+
+
+@pytest.mark.parametrize("name", ["tiny", "d2"])
+def test_presets_and_nanochat_depths_build_from_config_with_sdpa_attention(name):
+    built = build_model(experiment(name), ROOT, CPU, "fp32")
+    shape = presets.lookup_preset(name)
+    assert sum(p.numel() for p in built.model.parameters()) == shape.param_count()
+    assert built.model.config._attn_implementation == "sdpa"
+    assert all(p.dtype == torch.float32 for p in built.model.parameters())
+
+
+def test_a_local_model_directory_loads_its_config_and_weights(tmp_path):
+    shape = presets.with_overrides(presets.PRESETS["tiny"], {"layers": 1, "hidden": 64, "heads": 2, "intermediate": 128})
+    saved = AutoModelForCausalLM.from_config(config_from_shape(shape))
+    saved.save_pretrained(tmp_path / "model")
+    built = build_model(experiment({"path": str(tmp_path / "model"), "pretrained": True}), ROOT, CPU, "fp32")
+    for (name, a), (_, b) in zip(saved.state_dict().items(), built.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_an_unreachable_hub_model_ends_the_run_with_a_clear_error_and_exit_code_1(tmp_path):
+    job = experiment({"hub": "no-such-org/no-such-model", "pretrained": True})
+    plan = ResolvedRun(experiment=job, job_dir=str(ROOT), device="cpu", stages=[StagePlan(seq_len=32, micro_batch=1,
+                                                                                         grad_accum=1, steps=1)])
+    (tmp_path / "plan.json").write_text(plan.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "runner.trainer", str(tmp_path / "plan.json"), "--out", str(tmp_path)],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "cannot load model 'no-such-org/no-such-model'" in done.stderr
+    assert "Traceback" not in done.stderr  # a user error, not a bug
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["exit_reason"] == "error" and "no-such-model" in summary["error"]
+
+
+def test_lora_auto_targets_attention_projections_for_llama_and_gpt2():
+    llama = build_model(experiment("tiny", lora={"rank": 2}), ROOT, CPU, "fp32").model
+    targets = {n.split(".")[-4] for n, _ in llama.named_parameters() if "lora_A" in n}  # ...q_proj.lora_A.default.weight
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    gpt2 = AutoModelForCausalLM.from_config(config_from_shape(presets.with_overrides(
+        presets.PRESETS["gpt2-124m"], {"layers": 1, "hidden": 64, "heads": 2, "intermediate": 128})))
+    assert lora_targets(gpt2, experiment("tiny", lora={"rank": 2}).lora) == ["c_attn", "c_proj"]
+
+
+def test_quantization_without_bitsandbytes_is_a_clear_user_error():
+    pytest.importorskip("transformers")
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    job = experiment({"path": "nowhere", "pretrained": True}, lora={"rank": 2}, quantization="4bit")
+    with pytest.raises(UserError, match="needs the bitsandbytes package"):
+        build_model(job, ROOT, CPU, "fp32")
