@@ -76,3 +76,25 @@ def test_this_machine_probes_with_the_same_script_and_is_cached(tmp_path, monkey
     from runner.hosts import read_probe
 
     assert read_probe("local").profile == found.profile
+
+
+@pytest.mark.ssh
+def test_a_test_host_probes_over_ssh_with_os_disk_python_and_no_gpus(ssh_hosts, tmp_path, monkeypatch):
+    from sshhosts import known_hosts_line
+
+    from runner import ssh
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    host = ssh_hosts[1]
+    known = ssh.runner_known_hosts_path()
+    known.parent.mkdir(parents=True)
+    known.write_text(known_hosts_line(host) + "\n")
+    ep = ssh.Endpoint(name="box", hostname=host.address, port=host.port, user=host.user,
+                      key_paths=(str(host.client_key_path),))
+    with ssh.connect(ep) as conn:
+        found = probe.probe_remote(conn, "box")
+    assert found.os_name.startswith("Debian") and found.kernel.startswith("Linux")
+    assert found.disk_free_bytes > 0 and found.python_version and found.python_version.startswith("3.")
+    assert found.gpus == () and found.cuda_version is None and found.profile == "cpu"
