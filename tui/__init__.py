@@ -1,0 +1,1 @@
+"""The terminal UI: a Textual face over the ``runner`` core (``runner tui``)."""
