@@ -21,6 +21,7 @@ class Measured:
     tokens_per_s: float
     source: str  # e.g. "calibrated from 3 runs on a100-1"
     peak_bytes: int | None = None
+    overhead_s: float = 0.0  # a run's fixed cost on the host (start-up, evals, checkpoints), added once
 
 
 class ThroughputSource(Protocol):
@@ -94,7 +95,7 @@ def estimate_cost(
             executed = executed_flops_per_token(shape, seq_len, lora=lora, gradient_checkpointing=gradient_checkpointing)
             rate = peak_flops * efficiency * gpus / executed
         stages.append(StageTime(seq_len, tokens, model * tokens, rate, tokens / rate))
-    seconds = sum(s.seconds for s in stages)
+    seconds = sum(s.seconds for s in stages) + (measured.overhead_s if measured else 0.0)
     tokens = sum(s.tokens for s in stages)
     cost = seconds / 3600 * price_usd_per_hour
     source = measured.source if measured else f"catalog default: {efficiency:.0%} of peak"

@@ -1,0 +1,153 @@
+"""Measured throughput for the planner: what finished runs and probes achieved on each host.
+
+``Calibration.from_store(store)`` collects one ``Observation`` per succeeded run
+and per stable probe; its ``measured(...)`` answers the planner's
+``ThroughputSource`` question for a host, profile, shape, sequence length and
+precision:
+
+1. observations on that host, else on other hosts with the same profile;
+2. of the same precision (another precision is a different speed entirely);
+3. of the same shape and sequence length when there are any: their mean;
+4. otherwise the nearest shape by FLOPs per token, its tokens/s scaled by the
+   ratio of FLOPs per token (a model twice as costly per token trains half as
+   many tokens per second).
+
+The answer carries the words the plan shows (``calibrated from 3 runs on
+a100-1``), the peak memory measured for an exact match, and the fixed overhead
+of a run on that host (start-up, evaluation, checkpoints), which short runs
+cannot hide. With nothing measured the planner keeps its catalog default.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from runner.plan.cost import Measured
+from runner.presets import ModelShape
+from runner.units import format_count
+
+if TYPE_CHECKING:
+    from runner.spec import Experiment
+    from runner.store import Store
+
+NEWEST = 5  # observations averaged per shape: recent runs reflect the host's current software
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Throughput and memory measured for one shape on one host."""
+
+    host: str
+    profile: str
+    shape: ModelShape
+    seq_len: int
+    precision: str
+    tokens_per_s: float  # over training steps
+    peak_bytes: int | None
+    overhead_s: float  # wall time beyond tokens / tokens_per_s
+    kind: Literal["run", "probe"]
+    at: float  # when it was measured (epoch seconds)
+
+    def flops_per_token(self) -> float:
+        return self.shape.flops_per_token(self.seq_len)
+
+
+def experiment_shape(experiment: Experiment, job_dir: Path) -> ModelShape | None:
+    """An experiment's model shape from its preset or local config.json (None for an uncached hub model)."""
+    from runner import presets
+
+    model = experiment.model
+    shape = None
+    if model.preset:
+        shape = presets.lookup_preset(model.preset)
+    elif model.path:
+        directory = Path(model.path).expanduser()
+        directory = directory if directory.is_absolute() else job_dir / directory
+        if (directory / "config.json").is_file():
+            shape = presets.shape_from_dir(directory)
+    elif model.shape:
+        shape = presets.lookup_preset(model.shape)
+    return presets.with_overrides(shape, dict(model.overrides)) if shape is not None else None
+
+
+def run_observations(store: Store, *, exclude: set[str] = frozenset()) -> list[Observation]:
+    """One observation per succeeded run with a measured rate (``exclude``: run ids counted elsewhere)."""
+    from runner.resolved import ResolvedRun
+
+    out = []
+    for run in store.runs(states={"succeeded"}):
+        if run.id in exclude or not run.tokens_per_s or not run.tokens:
+            continue
+        resolved = ResolvedRun.model_validate_json(run.resolved_json)
+        shape = experiment_shape(resolved.experiment, Path(resolved.job_dir))
+        if shape is None:
+            continue
+        out.append(Observation(
+            host=run.host, profile=run.profile, shape=shape, seq_len=resolved.experiment.seq_len,
+            precision=resolved.precision, tokens_per_s=run.tokens_per_s, peak_bytes=run.peak_bytes,
+            overhead_s=max(0.0, run.wall_s - run.tokens / run.tokens_per_s), kind="run",
+            at=run.ended_at or run.updated_at))
+    return out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A ``ThroughputSource`` backed by measurements; empty means the catalog decides."""
+
+    observations: tuple[Observation, ...]
+
+    @classmethod
+    def from_store(cls, store: Store) -> Calibration:
+        """Every stable probe and every succeeded run that is not a probe's own run."""
+        from runner.capacity import probe_observations, probe_run_ids
+
+        probes = probe_observations(store)
+        return cls(tuple(probes + run_observations(store, exclude=probe_run_ids(store))))
+
+    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str) -> Measured | None:
+        same_host = [o for o in self.observations if o.host == host and o.precision == precision]
+        pool, where = same_host, f"on {host}"
+        if not pool:
+            pool = [o for o in self.observations if o.profile == profile and o.precision == precision]
+            hosts = ", ".join(sorted({o.host for o in pool}))
+            where = f"on {hosts} (same profile {profile})"
+        if not pool:
+            return None
+        target = shape.flops_per_token(seq_len)
+        exact = [o for o in pool if o.shape == shape and o.seq_len == seq_len]
+        if exact:
+            chosen = _newest(exact)
+            rate = statistics.fmean(o.tokens_per_s for o in chosen)
+            peaks = [o.peak_bytes for o in chosen if o.peak_bytes]
+            return Measured(rate, f"calibrated from {_count(chosen)} {where}", max(peaks) if peaks else None,
+                            _overhead(chosen))
+        nearest = min(pool, key=lambda o: abs(math.log(o.flops_per_token() / target)))
+        chosen = _newest([o for o in pool if o.shape == nearest.shape and o.seq_len == nearest.seq_len])
+        rate = statistics.fmean(o.tokens_per_s for o in chosen) * nearest.flops_per_token() / target
+        scaled = (f"nearest shape {format_count(nearest.shape.param_count())} params at seq {nearest.seq_len}, "
+                  "scaled by FLOPs per token")
+        return Measured(rate, f"calibrated from {_count(chosen)} {where}; {scaled}", None, _overhead(chosen))
+
+
+def _newest(observations: Sequence[Observation]) -> list[Observation]:
+    return sorted(observations, key=lambda o: o.at)[-NEWEST:]
+
+
+def _overhead(observations: Sequence[Observation]) -> float:
+    """The fixed cost of a run of this shape on this host: the median over the observations used."""
+    return statistics.median(o.overhead_s for o in observations)
+
+
+def _count(observations: Sequence[Observation]) -> str:
+    """``3 runs``, ``1 probe``, ``1 probe and 2 runs``."""
+    parts = []
+    for kind in ("probe", "run"):
+        n = sum(o.kind == kind for o in observations)
+        if n:
+            parts.append(f"{n} {kind}{'s' if n != 1 else ''}")
+    return " and ".join(parts)
