@@ -7,8 +7,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
 
@@ -18,6 +20,7 @@ from tui.screens.hosts import HostsScreen
 from tui.screens.plan import PlanScreen
 from tui.screens.runs import RunsScreen
 
+SUPERVISE_POLL_S = 1.0
 SCREENS_IN_ORDER = (
     ("hosts", "Hosts", "the inventory: status, add, trust, probe"),
     ("experiments", "Experiments", "the job files, their preview and errors"),
@@ -34,6 +37,7 @@ class Settings:
     jobs_dir: Path = Path("jobs")
     hosts_file: Path | None = None  # None: the core's own search ($RUNNER_HOSTS, ./hosts.yaml, ...)
     store_path: Path | None = None  # None: the core's default ($RUNNER_HOME/runs.db, ...)
+    sets: tuple[str, ...] = ()  # --set FIELD=VALUE overrides applied to every job, as on the command line
     clock: Callable[[], float] = time.time  # tests fix it so that elapsed times and ETAs are stable
 
 
@@ -71,6 +75,13 @@ class RunnerApp(App[None]):
         super().__init__()
         self.settings = settings or Settings()
 
+    class RunEnded(Message):
+        """A run this app launched has ended."""
+
+        def __init__(self, run_id: str, state: str, reason: str):
+            super().__init__()
+            self.run_id, self.state, self.reason = run_id, state, reason
+
     def open_store(self):
         """A connection to the run store; each worker thread opens its own."""
         from runner.store import Store
@@ -87,6 +98,38 @@ class RunnerApp(App[None]):
     def show_run(self, run_id: str) -> None:
         self.selected_run = run_id
         self.switch_mode("runs")
+
+    @work(thread=True, group="supervise")
+    def supervise(self, run_id: str) -> None:
+        """Watch a run launched from here to its end, stopping it at its money or time cap.
+
+        What ``runner run --wait`` does, one poll at a time so that quitting the app
+        stops the watching (the run goes on; ``runner runs`` reconciles it later).
+        """
+        from textual.worker import get_current_worker
+
+        from runner import dispatch
+        from runner.store import TERMINAL
+
+        worker = get_current_worker()
+        store = self.open_store()
+        try:
+            while not worker.is_cancelled:
+                run = dispatch.reconcile_run(store, store.get(run_id))
+                if run.state in TERMINAL:
+                    self.post_message(self.RunEnded(run.id, run.state, run.reason))
+                    return
+                why = dispatch.cap_reached(run, self.settings.clock())
+                if why and run.state == "running":
+                    dispatch.cancel(store, run.id, reason=f"{why}; stopping with a checkpoint")
+                    continue
+                worker.cancelled_event.wait(SUPERVISE_POLL_S)
+        finally:
+            store.close()
+
+    def on_runner_app_run_ended(self, message: RunEnded) -> None:
+        self.notify(f"run {message.run_id} {message.state}: {message.reason}",
+                    severity="information" if message.state == "succeeded" else "warning", timeout=10)
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.markup import escape
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -57,7 +59,7 @@ def confirmation(job: Job, plan: Plan) -> str:
         ("price", f"${plan.price_usd_per_hour:g}/hour ({plan.throughput_source})"),
     ]
     lines = [f"[b]Dispatch {escape(job.name)} to {escape(plan.host)}?[/b]",
-             f"[dim]{escape(job.file or '')} · {plan.profile} · {plan.precision}[/dim]", ""]
+             f"[dim]{escape(Path(job.file).name if job.file else '')} · {plan.profile} · {plan.precision}[/dim]", ""]
     lines += [f"[b]{name:>9}[/b]  {escape(value)}" for name, value in rows]
     if plan.overrides:
         lines.append(f"[b]{'overrides':>9}[/b]  {escape(', '.join(plan.overrides))}")

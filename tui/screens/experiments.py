@@ -58,7 +58,7 @@ class ExperimentsScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(OptionList).border_title = str(self.app.settings.jobs_dir)
+        self.query_one(OptionList).border_title = self.app.settings.jobs_dir.name or str(self.app.settings.jobs_dir)
         self.scan()
 
     @work(thread=True, exclusive=True, group="scan")
@@ -84,7 +84,7 @@ class ExperimentsScreen(Screen):
                 files.append(JobFile(path, "", (), (UserError(exc.strerror or str(exc), file=str(path)),)))
                 continue
             try:
-                jobs = load_jobs(path)
+                jobs = load_jobs(path, list(self.app.settings.sets))
             except UserErrors as exc:
                 files.append(JobFile(path, text, (), tuple(exc.errors)))
                 continue

@@ -48,6 +48,13 @@ class PlanScreen(Screen):
             super().__init__()
             self.run_id, self.error = run_id, error
 
+    class Said(Message):
+        """A progress line from the core while it launches a run (building an image, starting)."""
+
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
     def __init__(self) -> None:
         super().__init__()
         self.job: Job | None = None
@@ -83,7 +90,7 @@ class PlanScreen(Screen):
             return
         try:
             inventory = self.app.load_inventory()
-            jobs = load_jobs(choice.path)
+            jobs = load_jobs(choice.path, list(self.app.settings.sets))
             job = next((j for j in jobs if j.name == choice.experiment), jobs[0])
             errors = check_job(job, inventory.names)
             if errors:
@@ -164,22 +171,30 @@ class PlanScreen(Screen):
 
     @work(thread=True, group="dispatch")
     def dispatch(self, job: Job, plan: Plan) -> None:
-        from runner.dispatch import submit
+        from runner import dispatch
 
+        store = self.app.open_store()
         try:
-            run = submit(job, plan.host, plan=plan, store_path=self.app.settings.store_path,
-                         hosts_file=self.app.settings.hosts_file)
+            inventory = self.app.load_inventory()
+            prepared = dispatch.prepare(job.file, experiment=job.name, host=plan.host,
+                                        sets=list(self.app.settings.sets), inventory=inventory)
+            run = dispatch.launch(store, prepared[0], say=lambda text: self.post_message(self.Said(text)))
         except (UserError, UserErrors) as exc:
             errors = exc.errors if isinstance(exc, UserErrors) else [exc]
             self.post_message(self.Dispatched(None, "\n".join(e.render() for e in errors)))
             return
+        finally:
+            store.close()
         self.post_message(self.Dispatched(run.id, None))
+
+    def on_plan_screen_said(self, message: Said) -> None:
+        self.notify(message.text, timeout=8)
 
     def on_plan_screen_dispatched(self, message: Dispatched) -> None:
         if message.run_id is None:
             self.notify(message.error or "", title="dispatch failed", severity="error", timeout=10)
             return
-        self.notify(f"run {message.run_id} started")
+        self.app.supervise(message.run_id)
         self.app.show_run(message.run_id)
 
 
