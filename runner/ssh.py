@@ -381,6 +381,9 @@ def _handshake(ep: Endpoint, *, timeout_s: float, sock=None) -> paramiko.Transpo
         sock, hops = _dial(ep, timeout_s)
     transport = paramiko.Transport(sock, default_window_size=WINDOW_BYTES, default_max_packet_size=MAX_PACKET_BYTES)
     transport._runner_hops = hops  # closed with it  # noqa: SLF001
+    # paramiko starts a rekey every 512 MiB and can stall in it while SFTP reads are
+    # in flight (paramiko issue #822); leave rekeying to sshd, whose RekeyLimit applies.
+    transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = 2**62
     # Ask for a key type we already know for this host, as OpenSSH does, so a
     # host with several keys is not reported unknown for showing another one.
     known_types = list(_known_keys(ep))
