@@ -1,0 +1,50 @@
+"""Watches one native trainer process: its output into ``logs/train.log``, its exit code into a file.
+
+``python -m runner.backends.supervisor RUN_DIR -- COMMAND...`` is what the native
+backend starts in a new session. It outlives the ``runner`` that launched it, so
+a detached run still gets its log written (with secrets redacted) and its exit
+code recorded for ``runner status`` to read. SIGTERM to the session reaches the
+trainer, which checkpoints; the supervisor itself waits for the trainer to end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from runner.backends import LOG_FILE, redact, secret_values
+
+EXIT_CODE_FILE = "logs/exit_code"
+
+
+def supervise(run_dir: Path, command: list[str]) -> int:
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # handled, not ignored: exec resets it
+    log_path = run_dir / LOG_FILE
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
+    secrets = secret_values(dict(os.environ))
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        assert child.stdout is not None
+        for line in iter(child.stdout.readline, b""):
+            log.write(redact(line, secrets))
+            log.flush()
+        code = child.wait()
+    tmp = run_dir / (EXIT_CODE_FILE + ".tmp")
+    tmp.write_text(f"{code}\n")
+    tmp.replace(run_dir / EXIT_CODE_FILE)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m runner.backends.supervisor RUN_DIR -- COMMAND...", file=sys.stderr)
+        return 2
+    return supervise(Path(argv[0]), argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

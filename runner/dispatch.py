@@ -1,0 +1,430 @@
+"""Running jobs: plan, refuse or launch, follow, enforce caps, cancel, resume, reconcile.
+
+``prepare`` does every check that can fail before anything starts (the job
+file, missing data, the planner's verdict), ``launch`` records a run and starts
+its trainer on a backend, ``wait`` follows it to the end while enforcing the
+money and time caps, and ``reconcile`` brings runs whose runner went away back
+in line with what really happened (read from the container, the process and
+``summary.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from runner import images
+from runner.backends import (DEFAULT_GRACE_S, LOG_FILE, Backend, LaunchSpec, Status, choose_backend, get_backend,
+                             trainer_env)
+from runner.catalog import Profile, profile as catalog_profile
+from runner.errors import EXIT_REFUSED, UserError, UserErrors
+from runner.hosts import Hardware, Host, Inventory, hardware, load_inventory
+from runner.plan import Plan, plan_job, resolve
+from runner.resolved import ResolvedRun
+from runner.spec import Job, check_job, load_jobs
+from runner.store import TERMINAL, IllegalTransition, Run, Store, data_dir
+
+Say = Callable[[str], None]
+PEAK_ENV = "RUNNER_PEAK_TFLOPS"
+SUMMARY_FILE = "summary.json"
+FINISHED_OK = {"budget_reached", "early_stop"}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One experiment, checked and planned, ready to launch on one host."""
+
+    job: Job
+    host: Host
+    hardware: Hardware
+    plan: Plan
+    resolved: ResolvedRun
+    backend: str
+    image: images.ImageRef | None  # docker only
+
+
+# --- before anything starts -------------------------------------------------------------------
+
+def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = "local",
+            sets: list[str] | None = None, force: bool = False, backend: str | None = None,
+            inventory: Inventory | None = None) -> list[Prepared]:
+    """Check and plan every experiment of a job file; raise before anything starts.
+
+    UserErrors (exit 2) for an invalid job or a missing data file, UserError with
+    exit 3 when the planner refuses an experiment and ``force`` is not set.
+    """
+    inventory = inventory or load_inventory()
+    target = inventory.get(host)
+    jobs = load_jobs(job_file, sets or [])
+    if experiment:
+        jobs = [j for j in jobs if j.name == experiment]
+        if not jobs:
+            raise UserError(f"no experiment named {experiment!r}", file=str(job_file), field="experiment")
+    errors = [e for job in jobs for e in check_job(job, inventory.names)]
+    if errors:
+        raise UserErrors(errors)
+    if target.kind != "local":
+        raise UserError(f"host {target.name!r} is reached over SSH; `runner run` starts runs on this machine only",
+                        field="host", hint="run on --host local")
+    hw = hardware(target)
+    prepared = []
+    for job in jobs:
+        plan = plan_job(job, target, inventory=inventory)
+        if not plan.passes:
+            if not force or plan.profile is None:
+                raise refusal(job, plan)
+            _stderr(f"warning: {job.name}: the planner refuses it ({'; '.join(plan.reasons)}); running anyway (--force)")
+            plan = replace(plan, passes=True)
+        resolved = resolve(job, target, plan, inventory=inventory)
+        chosen = choose_backend(hw.profile, backend or job.spec.backend)
+        image = None
+        if chosen == "docker":
+            family = images.family_for(hw.profile)
+            assert family is not None  # choose_backend never picks docker for a native profile
+            image = images.image_for(family)
+        prepared.append(Prepared(job, target, hw, plan, resolved, chosen, image))
+    return prepared
+
+
+def refusal(job: Job, plan: Plan) -> UserError:
+    """The planner's no, with its reasons and fixes, as an exit-3 error."""
+    fixes = [f"fix: {f.summary}" + (f" ({f.command_hint()})" if f.command_hint() else "") for f in plan.fixes]
+    return UserError(f"refused on {plan.host}: " + "; ".join(plan.reasons), file=job.file, field=job.name,
+                     hint="\n  ".join(fixes + ["or run it anyway with --force"]), exit_code=EXIT_REFUSED)
+
+
+# --- starting ---------------------------------------------------------------------------------
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def backend_for(name: str) -> Backend:
+    """One backend instance per process (the native one keeps its children to reap them)."""
+    if name not in _BACKENDS:
+        _BACKENDS[name] = get_backend(name)
+    return _BACKENDS[name]
+
+
+def launch(store: Store, prep: Prepared, say: Say = _stderr) -> Run:
+    """Record the run and start its trainer; the run is ``running`` (or ``failed``, re-raised) after."""
+    spec, caps = prep.job.spec, prep.job.spec.budget
+    run = store.create(
+        job_file=str(Path(prep.job.file).resolve()), experiment=prep.job.name,
+        resolved_json=prep.resolved.model_dump_json(), host=prep.host.name, profile=prep.hardware.profile.id,
+        backend=prep.backend, image=prep.image.tag if prep.image else None,
+        price_usd_per_hour=prep.hardware.price_usd_per_hour, max_cost_usd=caps.max_cost_usd,
+        max_hours=caps.max_hours, predicted_tokens_per_s=prep.plan.tokens_per_s,
+        predicted_seconds=prep.plan.seconds, predicted_cost_usd=prep.plan.cost_usd,
+        reason=f"submitted {spec.name} from {prep.job.file}")
+    say(f"run {run.id}: {run.experiment} on {run.host} ({run.backend}), run directory {run.run_dir}")
+    return _start(store, run, prep.resolved, prep.hardware.profile, prep.image, say)
+
+
+def _start(store: Store, run: Run, resolved: ResolvedRun, profile: Profile, image: images.ImageRef | None,
+           say: Say) -> Run:
+    run_dir = Path(run.run_dir)
+    try:
+        run = store.transition(run.id, "starting", f"starting attempt {run.attempt} with {run.backend}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        backend = backend_for(run.backend)
+        tag = None
+        if image is not None:
+            from runner.backends.docker import DockerBackend
+
+            assert isinstance(backend, DockerBackend)
+            log = data_dir() / "builds" / f"{image.tag.replace(':', '-')}.log"
+            started = time.monotonic()
+            if images.ensure_image(backend.client, image, log):
+                say(f"built image {image.tag} in {time.monotonic() - started:.0f}s (log: {log})")
+            tag = image.tag
+        env = trainer_env()
+        env["RUNNER_RUN_ID"] = run.id
+        peak = profile.tflops.get(resolved.precision)
+        if peak:
+            env[PEAK_ENV] = f"{peak * resolved.gpus:g}"
+        spec = LaunchSpec(run_id=run.id, attempt=run.attempt, run_dir=run_dir, resolved=resolved, profile=profile,
+                          gpus=resolved.gpus, env=env, image=tag)
+        handle = backend.launch(spec)
+        store.update(run.id, handle=handle, image=tag)
+        what = f"container {handle[:12]}" if run.backend == "docker" else f"pid {handle.partition('@')[0]}"
+        return store.transition(run.id, "running", f"{what} started")
+    except BaseException as exc:
+        message = exc.render() if isinstance(exc, UserError) else (
+            "interrupted while starting" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}")
+        current = store.get(run.id)
+        if current.state not in TERMINAL:
+            store.transition(run.id, "failed", f"launch failed: {message}")
+        raise
+
+
+# --- following and finishing ------------------------------------------------------------------
+
+def cap_reached(run: Run, now: float | None = None) -> str | None:
+    """Why a run must stop now (its max_hours or max_cost_usd is reached), or None."""
+    elapsed = run.elapsed_s(now)
+    if run.max_hours and elapsed >= run.max_hours * 3600:
+        return f"max_hours cap reached after {elapsed / 3600:.2f} h (cap {run.max_hours:g} h)"
+    cost = elapsed / 3600 * run.price_usd_per_hour
+    if run.max_cost_usd and run.price_usd_per_hour > 0 and cost >= run.max_cost_usd:
+        return f"max_cost_usd cap reached: ${cost:.2f} spent (cap ${run.max_cost_usd:g})"
+    return None
+
+
+def wait(store: Store, run_id: str, *, out: IO[bytes] | None = None, grace_s: float = DEFAULT_GRACE_S,
+         poll_s: float = 1.0, offset: int = 0) -> Run:
+    """Follow a run to its end: copy its log from ``offset`` to ``out``, stop it at a cap, record how it ended."""
+    run = store.get(run_id)
+    while True:
+        run = store.get(run.id)
+        backend = backend_for(run.backend)
+        run_dir = Path(run.run_dir)
+        if run.handle:
+            backend.sync_logs(run.handle, run_dir)
+        offset = _copy_new(run_dir / LOG_FILE, offset, out)
+        if run.state in TERMINAL:
+            return run
+        if not run.handle:
+            run = reconcile_run(store, run)
+            time.sleep(poll_s)
+            continue
+        status = backend.poll(run.handle, run_dir)
+        if not status.running:
+            run = finish(store, run, status)
+            continue
+        why = cap_reached(run)
+        if why and run.state == "running":
+            run = store.transition(run.id, "stopping", f"{why}; stopping with a checkpoint", expect={"running"})
+            backend.stop(run.handle, grace_s)
+            continue
+        time.sleep(poll_s)
+
+
+def _copy_new(log: Path, offset: int, out: IO[bytes] | None) -> int:
+    if out is None or not log.exists():
+        return offset
+    with open(log, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    if data:
+        out.write(data)
+        out.flush()
+    return offset + len(data)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finish(store: Store, run: Run, status: Status) -> Run:
+    """Record how a trainer that is no longer running ended, from its exit code and summary.json."""
+    run_dir = Path(run.run_dir)
+    backend = backend_for(run.backend)
+    if run.handle:
+        backend.sync_logs(run.handle, run_dir)
+    summary = read_summary(run_dir)
+    state, reason = _verdict(run, status, summary)
+    measured: dict[str, Any] = {"exit_code": status.exit_code}
+    if summary:
+        measured.update({k: summary.get(k) for k in ("tokens_per_s", "tokens", "steps", "peak_bytes", "mfu",
+                                                      "final_eval_loss", "best_eval_loss", "exit_reason")})
+    try:
+        run = store.transition(run.id, state, reason, expect={"starting", "running", "stopping"}, **measured)
+    except IllegalTransition:
+        return store.get(run.id)  # another runner recorded the end first
+    if run.handle:
+        backend.release(run.handle)
+    return run
+
+
+def _verdict(run: Run, status: Status, summary: dict[str, Any] | None) -> tuple[str, str]:
+    code, stopping = status.exit_code, run.state == "stopping"
+    exit_reason = (summary or {}).get("exit_reason")
+    if status.gone and summary is None:
+        return "lost", status.detail or "the trainer disappeared without an exit code or a summary"
+    if code == 0 and summary is not None:
+        if exit_reason in FINISHED_OK:
+            return "succeeded", f"{exit_reason}: {summary.get('steps')} steps, {summary.get('tokens')} tokens"
+        if exit_reason == "max_time":
+            return "cancelled", "the max_hours cap was reached; the trainer checkpointed and stopped"
+        if exit_reason == "cancelled":
+            return "cancelled", (run.reason if stopping else "stopped by a signal from outside the runner") + \
+                f" (checkpoint {summary.get('checkpoint')})"
+        return "failed", f"the trainer reported an error: {summary.get('error') or exit_reason}"
+    if code == 0:
+        return "failed", "the trainer exited 0 without writing summary.json"
+    if stopping:
+        if code == 137:
+            return "cancelled", f"{run.reason}; it did not stop within the grace period and was killed"
+        return "cancelled", f"{run.reason}; it ended with exit code {code} before it could checkpoint"
+    if status.detail and "OOM" in status.detail:
+        return "failed", status.detail
+    if code == 137:
+        return "failed", "killed with SIGKILL from outside the runner (exit code 137)"
+    if code == 143:
+        return "failed", "terminated by SIGTERM from outside the runner before it could checkpoint (exit code 143)"
+    error = (summary or {}).get("error") or _last_line(Path(run.run_dir) / LOG_FILE)
+    return "failed", f"the trainer exited with code {code}" + (f": {error}" if error else "")
+
+
+def _last_line(log: Path) -> str | None:
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - 4096))
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    return lines[-1].strip() if lines else None
+
+
+# --- reconciling ------------------------------------------------------------------------------
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reconcile_run(store: Store, run: Run) -> Run:
+    """Bring one active run in line with reality; terminal runs are returned as they are."""
+    if run.state in TERMINAL:
+        return run
+    if not run.handle:
+        if run.launcher_pid == os.getpid() or _pid_alive(run.launcher_pid):
+            return run  # still being launched
+        try:
+            return store.transition(run.id, "failed", "the runner launching it exited before the trainer started",
+                                    expect={"queued", "starting"})
+        except IllegalTransition:
+            return store.get(run.id)
+    try:
+        backend = backend_for(run.backend)
+    except UserError:
+        return run  # the engine is unreachable: nothing can be said about the container now
+    status = backend.poll(run.handle, Path(run.run_dir))
+    if status.running:
+        backend.sync_logs(run.handle, Path(run.run_dir))
+        return run
+    return finish(store, run, status)
+
+
+def reconcile(store: Store) -> list[Run]:
+    """Reconcile every active run; return all runs, newest first."""
+    for run in store.runs(states={"queued", "starting", "running", "stopping"}):
+        reconcile_run(store, run)
+    return store.runs()
+
+
+# --- user actions on a recorded run -----------------------------------------------------------
+
+def cancel(store: Store, run_id: str, *, grace_s: float = DEFAULT_GRACE_S,
+           reason: str = "cancelled by the user") -> Run:
+    """Stop a run gracefully (the trainer checkpoints), then record it as cancelled."""
+    run = reconcile_run(store, store.get(run_id))
+    if run.state in TERMINAL:
+        raise UserError(f"run {run.id} already ended: {run.state} ({run.reason})", field="run")
+    if not run.handle:
+        return store.transition(run.id, "cancelled", f"{reason} before it started", expect={"queued", "starting"})
+    if run.state != "stopping":
+        run = store.transition(run.id, "stopping", reason, expect={"starting", "running"})
+    backend = backend_for(run.backend)
+    backend.stop(run.handle, grace_s)
+    deadline = time.monotonic() + 30
+    status = backend.poll(run.handle, Path(run.run_dir))
+    while status.running and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = backend.poll(run.handle, Path(run.run_dir))
+    return finish(store, run, status) if not status.running else store.get(run.id)
+
+
+def resume(store: Store, run_id: str, say: Say = _stderr) -> Run:
+    """Start a new attempt of a run that did not succeed, in the same run directory.
+
+    The trainer continues from the newest intact checkpoint there.
+    """
+    run = reconcile_run(store, store.get(run_id))
+    if run.state == "succeeded":
+        raise UserError(f"run {run.id} succeeded; there is nothing to resume", field="run")
+    if run.state not in TERMINAL:
+        raise UserError(f"run {run.id} is still {run.state}", field="run", hint=f"runner cancel {run.id} first")
+    resolved = ResolvedRun.model_validate_json(run.resolved_json)
+    profile = catalog_profile(run.profile)
+    image = None
+    if run.backend == "docker":
+        image = _image_for_resume(run, profile)
+    previous = Path(run.run_dir) / SUMMARY_FILE
+    if previous.exists():
+        previous.replace(Path(run.run_dir) / "logs" / f"summary-attempt-{run.attempt}.json")
+    checkpoints = sorted((Path(run.run_dir) / "checkpoints").glob("step-*"))
+    where = f"from {checkpoints[-1].name}" if checkpoints else "from the start (no checkpoint)"
+    run = store.transition(run.id, "queued", f"resume requested: attempt {run.attempt + 1} continues {where}")
+    log = Path(run.run_dir) / LOG_FILE
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"--- attempt {run.attempt}: continues {where}\n")
+    say(f"run {run.id}: attempt {run.attempt} continues {where}")
+    return _start(store, run, resolved, profile, image, say)
+
+
+def _image_for_resume(run: Run, profile: Profile) -> images.ImageRef:
+    """The image the run used, while it exists; else the current sources' image."""
+    family = images.family_for(profile)
+    if family is None:
+        raise UserError(f"profile {profile.id} has no container image", field="backend")
+    current = images.image_for(family)
+    if run.image and run.image != current.tag:
+        backend = backend_for("docker")
+        from runner.backends.docker import DockerBackend
+
+        assert isinstance(backend, DockerBackend)
+        import docker.errors
+
+        try:
+            backend.client.images.get(run.image)
+            return replace(current, tag=run.image)
+        except docker.errors.ImageNotFound:
+            pass
+    return current
+
+
+def log_size(run: Run) -> int:
+    """How many bytes of the run's log exist now (to follow only what comes after)."""
+    try:
+        return (Path(run.run_dir) / LOG_FILE).stat().st_size
+    except OSError:
+        return 0
+
+
+def follow_logs(store: Store, run_id: str, out: IO[bytes], *, follow: bool = False, poll_s: float = 1.0) -> Run:
+    """Print a run's log; with ``follow``, keep printing until the run ends."""
+    run = reconcile_run(store, store.get(run_id))
+    if follow and run.state not in TERMINAL:
+        return wait(store, run.id, out=out, poll_s=poll_s, grace_s=DEFAULT_GRACE_S)
+    _copy_new(Path(run.run_dir) / LOG_FILE, 0, out)
+    return run
+
+
+def run_json(store: Store, run: Run) -> dict[str, Any]:
+    """A run as JSON-ready data: the store's record, its transitions and the trainer's summary."""
+    data = run.as_dict()
+    data["transitions"] = [vars(t) for t in store.transitions(run.id)]
+    data["summary"] = read_summary(Path(run.run_dir))
+    return data
