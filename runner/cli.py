@@ -349,5 +349,199 @@ def hosts_catalog(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- runs: run, runs, status, logs, cancel, resume -----------------------------------------
+
+STORE_ARGS = (
+    arg("--store", metavar="PATH", help="the run store database (default: $RUNNER_HOME/runs.db, "
+        "else $XDG_DATA_HOME/runner/runs.db)"),
+)
+WAIT_ARGS = (
+    arg("--wait", dest="detach", action="store_false", default=False,
+        help="follow the log until the run ends and enforce its caps (the default)"),
+    arg("--detach", dest="detach", action="store_true", help="start it and return at once"),
+    arg("--json", action="store_true", help="print a machine-readable summary on stdout (the log goes to stderr); "
+        "exit 0 only when every run succeeded"),
+    arg("--grace", type=float, default=120.0, metavar="SECONDS",
+        help="how long a stopped trainer may take to checkpoint before it is killed (default 120)"),
+)
+
+
+def open_store(args: argparse.Namespace):
+    from runner.store import Store
+    return Store.open(args.store)
+
+
+def log_stream(args: argparse.Namespace) -> Any:
+    """Where a followed log goes: stdout, or stderr when stdout carries --json."""
+    stream = sys.stderr if args.json else sys.stdout
+    return getattr(stream, "buffer", stream)
+
+
+def follow_run(args: argparse.Namespace, store: Any, run: Any, offset: int = 0) -> Any:
+    """Wait for a run unless --detach; Ctrl-C leaves it running and says how to get back to it."""
+    from runner import dispatch
+
+    if args.detach:
+        return run
+    try:
+        return dispatch.wait(store, run.id, out=log_stream(args), grace_s=args.grace, offset=offset)
+    except KeyboardInterrupt:
+        print(f"\nrun {run.id} keeps running: `runner logs -f {run.id}` follows it, "
+              f"`runner cancel {run.id}` stops it", file=sys.stderr)
+        raise
+
+
+def report_runs(args: argparse.Namespace, store: Any, runs: list) -> int:
+    """Print the runs (JSON with --json); exit 0 when detached or when every run succeeded."""
+    from runner import dispatch
+    from runner.errors import EXIT_FAILED
+
+    if args.json:
+        print(json.dumps([dispatch.run_json(store, run) for run in runs], indent=2))
+    else:
+        for run in runs:
+            ok = run.state in ("succeeded", "running", "starting")
+            print(f"run {run.id}: {run.state} ({run.reason})", file=sys.stdout if ok else sys.stderr)
+    if args.detach or all(run.state == "succeeded" for run in runs):
+        return EXIT_OK
+    return EXIT_FAILED
+
+
+@command("run", "plan a job, then run it here in a container or natively, and record the run",
+         arg("job", metavar="JOB"),
+         arg("--experiment", metavar="NAME", help="run only this experiment of the job file"),
+         arg("--host", default="local", help="where to run (default: local)"),
+         arg("--backend", choices=["docker", "native"], help="force a backend (default: from the host's profile)"),
+         arg("--force", action="store_true", help="run even when the planner refuses the job"),
+         *SET_ARGS, *WAIT_ARGS, *STORE_ARGS)
+def run_job(args: argparse.Namespace) -> int:
+    from runner import dispatch
+    from runner.hosts import load_inventory
+
+    inventory = load_inventory(args.hosts_file)
+    prepared = dispatch.prepare(args.job, experiment=args.experiment, host=args.host, sets=args.sets,
+                                force=args.force, backend=args.backend, inventory=inventory)
+    store = open_store(args)
+    runs = []
+    try:
+        for prep in prepared:  # one after another when waiting, so runs do not share the device
+            runs.append(follow_run(args, store, dispatch.launch(store, prep)))
+    except KeyboardInterrupt:
+        return 130
+    return report_runs(args, store, runs)
+
+
+@command("runs", "list recorded runs (their states are checked against the containers and processes first)",
+         arg("--json", action="store_true", help="print the runs as JSON"),
+         arg("--limit", type=int, default=30, metavar="N", help="show the newest N runs (default 30)"),
+         *STORE_ARGS)
+def list_runs(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from runner import dispatch
+    from runner.units import format_bytes, format_count, format_duration
+
+    store = open_store(args)
+    runs = dispatch.reconcile(store)[: args.limit]
+    if args.json:
+        print(json.dumps([run.as_dict() for run in runs], indent=2))
+        return EXIT_OK
+    table = Table(show_edge=False, box=None, header_style="bold")
+    for name in ("run", "experiment", "host", "backend", "state", "steps", "tokens/s (plan)", "wall", "cost",
+                 "peak", "eval loss", "reason"):
+        table.add_column(name)
+    for run in runs:
+        measured = format_count(run.tokens_per_s) if run.tokens_per_s else "-"
+        planned = format_count(run.predicted_tokens_per_s) if run.predicted_tokens_per_s else "-"
+        table.add_row(run.id, run.experiment, run.host, run.backend, run.state, str(run.steps or "-"),
+                      f"{measured} ({planned})", format_duration(run.elapsed_s()), f"${run.cost_usd:.2f}",
+                      format_bytes(run.peak_bytes) if run.peak_bytes else "-",
+                      f"{run.final_eval_loss:.4f}" if run.final_eval_loss is not None else "-", run.reason)
+    console().print(table)
+    return EXIT_OK
+
+
+@command("status", "show one run: its record, state history and summary",
+         arg("run_id", metavar="RUN", help="a run id or a unique prefix of one"),
+         arg("--json", action="store_true", help="print it as JSON"), *STORE_ARGS)
+def run_status(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from runner import dispatch
+
+    store = open_store(args)
+    run = dispatch.reconcile_run(store, store.get(args.run_id))
+    data = dispatch.run_json(store, run)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    out = console()
+    out.print(f"[bold]run {run.id}[/bold]  {run.experiment} ({run.job_file})")
+    for key in ("state", "reason", "host", "profile", "backend", "image", "handle", "attempt", "run_dir",
+                "predicted_tokens_per_s", "tokens_per_s", "steps", "tokens", "wall_s", "cost_usd", "peak_bytes",
+                "mfu", "final_eval_loss", "best_eval_loss", "exit_reason", "exit_code"):
+        if data.get(key) is not None:
+            out.print(f"  {key:24} {data[key]}")
+    out.print("  history:")
+    for t in data["transitions"]:
+        when = datetime.fromtimestamp(t["at"]).strftime("%Y-%m-%d %H:%M:%S")
+        out.print(f"    {when}  #{t['attempt']} {t['from_state'] or '-':>9} -> {t['to_state']:<9} {t['reason']}")
+    return EXIT_OK
+
+
+@command("logs", "print a run's training log",
+         arg("run_id", metavar="RUN", help="a run id or a unique prefix of one"),
+         arg("-f", "--follow", action="store_true", help="keep printing until the run ends"), *STORE_ARGS)
+def run_logs(args: argparse.Namespace) -> int:
+    from runner import dispatch
+
+    store = open_store(args)
+    dispatch.follow_logs(store, args.run_id, sys.stdout.buffer, follow=args.follow)
+    return EXIT_OK
+
+
+@command("cancel", "stop a run gracefully: the trainer checkpoints, then exits",
+         arg("run_id", metavar="RUN", help="a run id or a unique prefix of one"),
+         arg("--grace", type=float, default=120.0, metavar="SECONDS",
+             help="how long the trainer may take to checkpoint before it is killed (default 120)"), *STORE_ARGS)
+def run_cancel(args: argparse.Namespace) -> int:
+    from runner import dispatch
+
+    store = open_store(args)
+    run = dispatch.cancel(store, args.run_id, grace_s=args.grace)
+    print(f"run {run.id}: {run.state} ({run.reason})")
+    return EXIT_OK
+
+
+@command("resume", "start a stopped or failed run again from its last checkpoint, in the same run directory",
+         arg("run_id", metavar="RUN", help="a run id or a unique prefix of one"), *WAIT_ARGS, *STORE_ARGS)
+def run_resume(args: argparse.Namespace) -> int:
+    from runner import dispatch
+
+    store = open_store(args)
+    offset = dispatch.log_size(store.get(args.run_id))
+    try:
+        run = follow_run(args, store, dispatch.resume(store, args.run_id), offset)
+    except KeyboardInterrupt:
+        return 130
+    return report_runs(args, store, [run])
+
+
+# --- the terminal UI ------------------------------------------------------------------------
+
+@command("tui", "open the terminal UI: hosts, experiments, plans, runs and comparisons",
+         arg("jobs_dir", nargs="?", default="jobs", metavar="JOBS_DIR", help="where the job files are (default: ./jobs)"),
+         arg("--store", metavar="PATH", help="the run store database (default: $RUNNER_HOME/runs.db)"),
+         *SET_ARGS)
+def tui(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tui.app import RunnerApp, Settings
+
+    RunnerApp(Settings(jobs_dir=Path(args.jobs_dir), hosts_file=Path(args.hosts_file) if args.hosts_file else None,
+                       store_path=Path(args.store) if args.store else None, sets=tuple(args.sets))).run()
+    return EXIT_OK
+
+
 if __name__ == "__main__":
     sys.exit(main())
