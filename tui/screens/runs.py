@@ -77,7 +77,7 @@ class RunsScreen(Screen):
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
         for name in COLUMNS:
-            table.add_column(name, key=name)
+            table.add_column(name, key=name, width=9 if name == "state" else None)
         self.list_runs()
         self.set_interval(STORE_REFRESH_S, self.list_runs)
         self.set_interval(RECONCILE_S, self.reconcile)
