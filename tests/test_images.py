@@ -1,0 +1,95 @@
+"""Image families and their content-derived tags."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runner import images
+from runner.catalog import load_catalog
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A copy of what goes into the image, plus files that do not."""
+    root = tmp_path / "src"
+    shutil.copytree(REPO / "runner", root / "runner", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("Dockerfile", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, root / name)
+    (root / "tests").mkdir()
+    (root / "tests" / "test_x.py").write_text("def test_x(): pass\n")
+    return root
+
+
+def tag(root: Path, env: dict[str, str] | None = None) -> str:
+    return images.image_for(images.load_images().get("cpu"), root, env or {}).tag
+
+
+def test_the_tag_is_stable_for_an_unchanged_tree(tree: Path):
+    first = tag(tree)
+    assert first.startswith("runner-trainer:cpu-") and first == tag(tree)
+
+
+def test_the_tag_changes_when_a_source_file_changes(tree: Path):
+    before = tag(tree)
+    path = tree / "runner" / "store.py"
+    path.write_text(path.read_text() + "\n# edited\n")
+    assert tag(tree) != before
+
+
+def test_the_tag_changes_with_the_dockerfile_the_pyproject_and_a_new_module(tree: Path):
+    seen = {tag(tree)}
+    for name in ("Dockerfile", "pyproject.toml"):
+        (tree / name).write_text((tree / name).read_text() + "\n# edited\n")
+        seen.add(tag(tree))
+    (tree / "runner" / "new_module.py").write_text("X = 1\n")
+    seen.add(tag(tree))
+    assert len(seen) == 4
+
+
+def test_the_tag_ignores_tests_docs_and_bytecode(tree: Path):
+    before = tag(tree)
+    (tree / "README.md").write_text("changed\n")
+    (tree / "tests" / "test_x.py").write_text("changed\n")
+    (tree / "runner" / "__pycache__").mkdir(exist_ok=True)
+    (tree / "runner" / "__pycache__" / "store.cpython-311.pyc").write_bytes(b"\0")
+    assert tag(tree) == before
+
+
+def test_a_base_image_override_is_part_of_the_tag(tree: Path):
+    plain = tag(tree)
+    offline = images.image_for(images.load_images().get("cpu"), tree,
+                               {images.BASE_IMAGE_ENV: "runner-python:bookworm", images.OFFLINE_ENV: "1"})
+    assert offline.tag != plain
+    assert offline.build_args["BASE_IMAGE"] == "runner-python:bookworm"
+    assert offline.build_args["OFFLINE"] == "1"
+
+
+def test_every_hardware_profile_uses_a_family_that_lists_it():
+    families = images.load_images().families
+    assert set(families) == {"cuda-ampere", "cuda-hopper", "cpu"}
+    for profile in load_catalog().profiles.values():
+        family = images.family_for(profile)
+        if profile.image == "native":
+            assert family is None
+        else:
+            assert profile.id in family.profiles, (profile.id, family.name)
+
+
+def test_hopper_gets_fp8_through_torchao_and_cpu_torch_from_the_cpu_index():
+    catalog = images.load_images()
+    hopper, cpu = catalog.get("cuda-hopper"), catalog.get("cpu")
+    assert "fp8" in hopper.precisions and any("torchao" in p for p in hopper.extra_packages)
+    assert "fp8" not in catalog.get("cuda-ampere").precisions
+    args = images.build_args(cpu, {})
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert "OFFLINE" not in args
+
+
+def test_a_tree_without_a_dockerfile_is_refused(tmp_path: Path):
+    with pytest.raises(images.UserError, match="no Dockerfile"):
+        tag(tmp_path)
