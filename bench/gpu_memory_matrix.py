@@ -1,0 +1,673 @@
+"""Peak memory and step time of the trainer on one GPU, next to the planner's prediction for the same job.
+
+    python bench/gpu_memory_matrix.py --part matrix --out gpu-matrix   # 18 jobs, ~8 min on an H100
+    python bench/gpu_memory_matrix.py --part fit24 --out gpu-fit24     # 15 jobs under a 24 GB cap, ~6 min
+    python bench/gpu_memory_matrix.py --part fit40 --out gpu-fit40     # 15 jobs under a 40 GB cap, ~7 min
+    python bench/gpu_memory_matrix.py --part all --dry-run             # the jobs and predictions only, no torch
+    python bench/gpu_memory_matrix.py --tiny --device cpu --limit 2 --out x   # a CPU smoke test
+
+No configuration starts after ``--budget-s`` (540 s): the rest are listed as
+not run, and ``--only NAME,NAME`` runs them in another invocation. With
+``--part all`` raise the budget (about 25 minutes in all).
+
+Method. Every configuration runs in its own subprocess (``--one CONFIG_JSON``),
+so each starts from a fresh CUDA context and an empty caching allocator. The
+child builds the model with the trainer's own ``build_model`` from an
+``Experiment`` made in code (random weights: memory and speed do not depend on
+their values), makes the trainer's optimizer (fused AdamW on CUDA) and
+``Engine``, and trains on random tokens, moved to the GPU per step the way the
+training loop moves them. The matrix takes 3 warm-up and 5 timed steps, the fit
+checks 1 and 2; the peak counts every step, compilation included.
+
+What is measured, per configuration:
+- ``max_reserved_bytes`` / ``max_allocated_bytes``: torch's caching-allocator peaks;
+- ``context_bytes``: device memory in use right after the CUDA context is made,
+  less what was in use before the child touched the GPU (nvidia-smi);
+- ``runtime_bytes``: device memory at the end that is not the allocator's
+  (context, loaded kernels, library handles): used at the end, less the same
+  baseline, less torch's reserved memory at the end;
+- ``peak_bytes`` = max reserved + runtime: the process's peak, the figure the
+  planner's ``peak_bytes`` predicts. The allocator never hands memory back
+  during training, so nvidia-smi's figure for the process at the end
+  (``smi_process_bytes``) is its figure at peak; it should match ``peak_bytes``
+  (``smi_compute_apps`` lists every process on the GPU at the end, should a
+  compile worker have made a context of its own);
+- step time from CUDA events recorded between the timed ``Engine.step`` calls
+  (the host does not wait in between, as in the training loop), and tokens/s.
+
+Out of memory is caught in the child and reported as ``status: oom``; a crash
+or a timeout is reported as such and the matrix goes on.
+
+Predictions come from ``runner.plan.plan_job`` for the same job on a host with
+the catalog's ``h100-80gb`` profile (the fit checks: ``rtx-4090``,
+``a100-40gb``): every ``MemoryBreakdown`` term, the predicted peak and
+allocated bytes, ``Plan.fits`` and ``Plan.tokens_per_s``. Errors are
+``(predicted - measured) / measured``: positive means the planner is cautious.
+
+Fit checks (``fit24``, ``fit40``) emulate a smaller card on the big one: the
+child caps the allocator with ``torch.cuda.set_per_process_memory_fraction``
+before it allocates anything, at the profile's usable capacity (memory x usable
+share, what ``Plan.fits`` is checked against) less the context it has just
+made. For each base job the planner picks the largest micro-batch it says fits
+and that plus one; a 7B full fine-tune is the clear "does not fit" case, and it
+is only ever tried under a cap. A run fits when it finishes and its
+``peak_bytes`` stays within the capacity; the verdict is right when that agrees
+with ``Plan.fits``. Matrix runs get the same verdict against the whole 80 GB card.
+
+Step-time calibration: the host is "probed" once per precision by a reference
+configuration of the matrix (marked ``ref``). Its executed FLOP/s (tokens/s x
+executed FLOPs per token, from ``runner.plan.cost``) is handed back to the
+planner through its ``ThroughputSource`` hook, scaled to each other
+configuration's executed FLOPs per token (LoRA, checkpointing), and the
+planner's step time is compared with the measured one (target: within 15%).
+The references run in the matrix part, so the fit parts' step times are only
+calibrated when they run in the same invocation (``--part all``).
+
+Reading the output: one JSON per configuration and ``results.json`` (all of
+them and a summary) under ``--out``; the last lines printed are a table and the
+summary. Columns: measured and predicted peak (GiB) and the error, measured step
+time, the probed prediction and its error, and the verdict: ``ok`` when the
+planner's fits/does-not-fit agrees with the run, ``WRONG`` (with the reason)
+when it does not. Needs torch, transformers, peft and pydantic; not
+``datasets``, bitsandbytes or torchao.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runner.hosts import Host  # noqa: E402
+from runner.plan import Measured, Plan, plan_job  # noqa: E402
+from runner.plan.cost import executed_flops_per_token  # noqa: E402
+from runner.presets import ModelShape  # noqa: E402
+from runner.spec import Experiment, Job, resolve_shape  # noqa: E402
+from runner.yamldoc import Doc  # noqa: E402
+
+GiB = 2**30
+H100 = "h100-80gb"
+FIT_PROFILES = {"fit24": "rtx-4090", "fit40": "a100-40gb"}
+MEMORY_TARGET = 0.10
+STEP_TARGET = 0.15
+# --tiny: a 2-layer model, short rows and small batches; the selection of batch sizes still uses the real shapes.
+TINY = {"layers": 2, "hidden": 64, "heads": 2, "kv_heads": 2, "intermediate": 128, "vocab_size": 512, "max_positions": 128}
+TINY_SEQ_LEN, TINY_MICRO_BATCH = 64, 2
+MAX_FIT_MICRO_BATCH = 512
+RESULT_MARK = "RESULT "
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training job to run and to plan."""
+
+    model: str  # a preset name
+    seq_len: int
+    micro_batch: int
+    precision: str  # bf16 | fp16 | fp32 (the child trains fp32 on a CPU, as the trainer does)
+    checkpointing: bool = False
+    compile: bool = False
+    lora: bool = False  # rank 16 on q/k/v/o, the base stored in the compute dtype
+    profile: str = H100  # the catalog profile predicted for (and emulated, below 80 GB)
+    cap_bytes: int | None = None  # allocator cap for the emulated card; None: the whole GPU
+    warmup_steps: int = 3
+    timed_steps: int = 5
+    reference: bool = False  # probes the host's speed for its precision
+    tiny: bool = False
+
+    @property
+    def name(self) -> str:
+        flags = "".join(f"-{f}" for f, on in (("lora", self.lora), ("ckpt", self.checkpointing),
+                                               ("compile", self.compile)) if on)
+        tiny = "-tiny" if self.tiny else ""
+        return f"{self.profile}_{self.model}-s{self.seq_len}-b{self.micro_batch}-{self.precision}{flags}{tiny}"
+
+
+def matrix() -> list[Config]:
+    """The configurations measured against their predictions on the whole 80 GB card.
+
+    The references come first so that a run cut short by the time budget can still be calibrated,
+    then the 7B LoRA jobs, which the issue names.
+    """
+    c = Config
+    return [
+        c("gpt2-124m", 1024, 16, "bf16", compile=True, reference=True),
+        c("gpt2-124m", 1024, 16, "fp16", reference=True),
+        c("gpt2-124m", 1024, 8, "fp32", reference=True),
+        c("llama-7b", 512, 4, "fp16", checkpointing=True, lora=True),
+        c("llama-7b", 1024, 2, "fp16", lora=True),
+        c("gpt2-124m", 1024, 16, "bf16"),
+        c("gpt2-124m", 512, 32, "bf16", checkpointing=True),
+        c("gpt2-355m", 1024, 8, "bf16"),
+        c("gpt2-355m", 1024, 16, "bf16"),
+        c("gpt2-355m", 512, 16, "fp16", checkpointing=True),
+        c("d12", 2048, 8, "bf16"),
+        c("d12", 1024, 16, "bf16", compile=True),
+        c("d20", 2048, 4, "bf16"),
+        c("d20", 2048, 16, "bf16", checkpointing=True),
+        c("llama-1b", 2048, 4, "bf16"),
+        c("llama-1b", 1024, 8, "bf16", checkpointing=True),
+        c("llama-1b", 512, 8, "fp16"),
+        c("d20", 1024, 8, "fp32"),
+    ]
+
+
+def fit_bases(part: str) -> list[Config]:
+    """Jobs whose micro-batch the planner pushes to the edge of a 24 GB or 40 GB card."""
+    c = Config
+    if part == "fit24":
+        bases = [
+            c("gpt2-124m", 1024, 1, "bf16"),
+            c("gpt2-124m", 1024, 1, "bf16", compile=True),
+            c("gpt2-355m", 1024, 1, "bf16", checkpointing=True),
+            c("d12", 2048, 1, "bf16"),
+            c("d20", 2048, 1, "bf16", checkpointing=True),
+            c("llama-1b", 1024, 1, "bf16", checkpointing=True),
+            c("llama-7b", 512, 1, "fp16", checkpointing=True, lora=True),
+            c("llama-7b", 512, 1, "bf16"),  # full fine-tune: 16 B/param alone is 108 GB
+        ]
+    else:
+        bases = [
+            c("gpt2-355m", 1024, 1, "bf16"),
+            c("gpt2-124m", 1024, 1, "fp32"),
+            c("d20", 2048, 1, "bf16", compile=True),
+            c("llama-1b", 2048, 1, "bf16"),
+            c("llama-1b", 2048, 1, "fp16", checkpointing=True),
+            c("llama-7b", 1024, 1, "fp16", checkpointing=True, lora=True),
+            c("llama-7b", 512, 1, "fp16", lora=True),
+            c("llama-7b", 512, 1, "bf16"),
+        ]
+    return [replace(b, profile=FIT_PROFILES[part], warmup_steps=1, timed_steps=2) for b in bases]
+
+
+# -- the job, as the planner and the trainer see it ------------------------------------------------
+
+def experiment(config: Config) -> Experiment:
+    seq_len, micro_batch = config.seq_len, config.micro_batch
+    model: dict = {"preset": config.model}
+    if config.tiny:
+        seq_len, micro_batch = min(seq_len, TINY_SEQ_LEN), min(micro_batch, TINY_MICRO_BATCH)
+        model["overrides"] = TINY
+    return Experiment.model_validate({
+        "name": "gpu-memory-matrix",
+        "model": model,
+        # Declared size only: the planner needs one for its budget arithmetic, the bench feeds random tokens.
+        "data": {"sources": [{"path": "random-tokens.txt", "tokens": 10**12}], "seq_len": seq_len},
+        "train": {"batch_size": micro_batch, "grad_accum": 1, "precision": config.precision,
+                  "gradient_checkpointing": config.checkpointing, "compile": config.compile, "warmup_steps": 0},
+        "lora": {"rank": 16} if config.lora else None,
+        "budget": {"max_steps": config.warmup_steps + config.timed_steps},
+    })
+
+
+def job_for(config: Config) -> Job:
+    return Job(spec=experiment(config), file="bench/gpu_memory_matrix.py", doc=Doc({}, "bench/gpu_memory_matrix.py"))
+
+
+def plan_for(config: Config, profile: str, throughput=None) -> Plan:
+    return plan_job(job_for(config), Host(name=profile, profile=profile), throughput=throughput)
+
+
+def tokens_per_step(config: Config) -> int:
+    spec = experiment(config)
+    return spec.train.batch_size * spec.seq_len  # type: ignore[operator]
+
+
+def prediction(config: Config, plan: Plan) -> dict:
+    """The planner's numbers for one job: verdict, every memory term, speed."""
+    m = plan.memory
+    assert m is not None  # a catalog profile is never unknown hardware
+    return {
+        "profile": plan.profile, "fits": plan.fits, "passes": plan.passes, "reasons": list(plan.reasons),
+        "warnings": list(plan.warnings),
+        "peak_bytes": m.peak_bytes, "allocated_bytes": m.allocated_bytes,
+        "reserved_bytes": m.allocated_bytes + m.headroom_bytes, "capacity_bytes": m.capacity_bytes,
+        "backward_peak_bytes": m.backward_peak_bytes, "step_peak_bytes": m.step_peak_bytes,
+        "breakdown": asdict(m),
+        "tokens_per_s": plan.tokens_per_s, "step_s": tokens_per_step(config) / plan.tokens_per_s,
+        "throughput_source": plan.throughput_source,
+    }
+
+
+class ProbedThroughput:
+    """The planner's ThroughputSource for a host probed once: a reference run's executed FLOP/s per precision.
+
+    The hook's arguments do not say whether the job uses LoRA or checkpointing,
+    which change the FLOPs a token costs, so one of these is made per job.
+    """
+
+    def __init__(self, flops_per_s: dict[str, float], sources: dict[str, str], *, lora: bool, checkpointing: bool):
+        self.flops_per_s, self.sources = flops_per_s, sources
+        self.lora, self.checkpointing = lora, checkpointing
+
+    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str) -> Measured | None:
+        rate = self.flops_per_s.get(precision)
+        if rate is None:
+            return None
+        per_token = executed_flops_per_token(shape, seq_len, lora=self.lora, gradient_checkpointing=self.checkpointing)
+        return Measured(tokens_per_s=rate / per_token, source=f"probed by {self.sources[precision]}")
+
+
+def executed_flops(config: Config) -> float:
+    """FLOPs the device runs per token of this job (checkpointing's recomputation included)."""
+    job = job_for(config)
+    return executed_flops_per_token(resolve_shape(job), job.spec.seq_len, lora=config.lora,
+                                    gradient_checkpointing=config.checkpointing)
+
+
+# -- the child: one configuration in a fresh process ----------------------------------------------
+
+def smi(*query: str) -> list[list[str]] | None:
+    """Rows of an nvidia-smi CSV query, or None where nvidia-smi is missing or fails."""
+    try:
+        done = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return [[cell.strip() for cell in line.split(",")] for line in done.stdout.strip().splitlines() if line.strip()]
+
+
+def mib_bytes(cell: str) -> int | None:
+    """nvidia-smi's MiB figure in bytes; None for "[N/A]" and the like."""
+    try:
+        return int(float(cell) * 2**20)
+    except ValueError:
+        return None
+
+
+def smi_gpu_used_bytes() -> int | None:
+    """The GPU's used memory by nvidia-smi (the first visible GPU)."""
+    rows = smi("--query-gpu=index,memory.used")
+    if not rows:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    row = next((r for r in rows if r[0] == visible), rows[0])
+    return mib_bytes(row[-1])
+
+
+def smi_apps() -> list[tuple[str, int | None]]:
+    """(pid, used bytes) of every compute process nvidia-smi lists on the GPU."""
+    return [(row[0], mib_bytes(row[-1])) for row in smi("--query-compute-apps=pid,used_memory") or [] if len(row) == 2]
+
+
+def smi_process_bytes() -> int | None:
+    """This process's device memory by nvidia-smi; None where its pid is not visible (containers)."""
+    return next((used for pid, used in smi_apps() if pid == str(os.getpid())), None)
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    # torch.compile wraps an OOM raised while it compiles or autotunes in its own RuntimeError.
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
+
+
+def run_one(config: Config, device_kind: str) -> dict:
+    """Train the configuration for a few steps; memory, step times and the outcome."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from runner.trainer.engine import Engine, make_optimizer, set_fast_math
+    from runner.trainer.metrics import peak_memory_bytes
+    from runner.trainer.models import build_model
+
+    cuda = device_kind == "cuda"
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    precision = config.precision if cuda else "fp32"  # the trainer's rule on a CPU
+    out: dict = {"status": "ok", "error": None, "phase": "setup", "device": device_kind, "device_name": "cpu",
+                 "torch": torch.__version__, "transformers": transformers.__version__, "precision_run": precision}
+    baseline = None
+    if cuda:
+        baseline = smi_gpu_used_bytes()  # before this process touches the GPU
+        free, total = torch.cuda.mem_get_info(device)  # makes the context
+        used = total - free
+        context = used - baseline if baseline is not None else used
+        out.update(device_name=torch.cuda.get_device_name(device), total_bytes=total, baseline_bytes=baseline,
+                   context_bytes=context, context_smi_process_bytes=smi_process_bytes())
+        if config.cap_bytes:
+            fraction = (config.cap_bytes - context) / total
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
+            out.update(cap_bytes=config.cap_bytes, memory_fraction=fraction)
+
+    spec = experiment(config)
+    seq_len, micro_batch = spec.seq_len, spec.train.batch_size
+    assert isinstance(micro_batch, int)
+    set_fast_math(device, deterministic=False)
+    torch.manual_seed(0)
+    step_s: list[float] = []
+    loss_value = None
+    try:
+        out["phase"] = "build"
+        # Building on the device skips initialising billions of weights on the host first; the
+        # trainer's .to(device) then has nothing to move. The trained state is the same.
+        with torch.device(device):
+            built = build_model(spec, ROOT, device, precision)
+        model = built.model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(trainable, "adamw", 3e-4, 0.1, device)
+        engine = Engine(model, optimizer, device=device, precision=precision, grad_clip=1.0, compile=config.compile)
+        out.update(params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
+                   fused_adamw=bool(optimizer.defaults.get("fused")))
+        vocab = model.get_input_embeddings().weight.shape[0]
+        rng = np.random.default_rng(0)
+        rows = [rng.integers(0, vocab, size=(micro_batch, seq_len + 1), dtype=np.int64) for _ in range(2)]
+        host = [(torch.from_numpy(r[:, :-1].copy()), torch.from_numpy(r[:, 1:].copy())) for r in rows]
+        if cuda:
+            host = [(x.pin_memory(), y.pin_memory()) for x, y in host]
+
+        def batch(i: int):
+            x, y = host[i % len(host)]
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+        out["phase"] = "warmup"
+        for i in range(config.warmup_steps):
+            engine.step(batch(i), 1, 3e-4)
+        out["phase"] = "timed"
+        if cuda:
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        if cuda:
+            # Events on the stream, no wait between steps: the host queues step i+1 while the GPU runs
+            # step i, as in the training loop, so each interval is the GPU's time for one step.
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(config.timed_steps + 1)]
+            events[0].record()
+            for i in range(config.timed_steps):
+                loss = engine.step(batch(i), 1, 3e-4)
+                events[i + 1].record()
+            events[-1].synchronize()
+            step_s = [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])]
+        else:
+            for i in range(config.timed_steps):
+                began_step = time.perf_counter()
+                loss = engine.step(batch(i), 1, 3e-4)
+                loss.item()
+                step_s.append(time.perf_counter() - began_step)
+        out["timed_wall_s"] = time.perf_counter() - began
+        loss_value = loss.item()
+        out["phase"] = "done"
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_oom(exc):
+            raise
+        out.update(status="oom", error=str(exc).strip().splitlines()[0][:300])
+
+    if cuda:
+        torch.cuda.synchronize(device)
+        free, total = torch.cuda.mem_get_info(device)
+        reserved_end = torch.cuda.memory_reserved(device)
+        max_reserved = torch.cuda.max_memory_reserved(device)
+        runtime = (total - free) - (baseline or 0) - reserved_end
+        out.update(max_reserved_bytes=max_reserved, max_allocated_bytes=torch.cuda.max_memory_allocated(device),
+                   reserved_end_bytes=reserved_end, device_used_end_bytes=total - free, runtime_bytes=runtime,
+                   peak_bytes=max_reserved + runtime, smi_process_bytes=smi_process_bytes())
+        # Other processes on the GPU (a compile worker that made a context, say) count in runtime_bytes.
+        out["smi_compute_apps"] = [{"pid": pid, "used_bytes": used} for pid, used in smi_apps()]
+    else:
+        out.update(max_reserved_bytes=None, max_allocated_bytes=None, runtime_bytes=None,
+                   peak_bytes=peak_memory_bytes(device), smi_process_bytes=None)  # peak RSS: not comparable
+    tokens = micro_batch * seq_len
+    mean_s = sum(step_s) / len(step_s) if step_s and out["status"] == "ok" else None
+    out.update(step_s=step_s, mean_step_s=mean_s, tokens_per_step=tokens,
+               tokens_per_s=tokens / mean_s if mean_s else None, final_loss=loss_value)
+    return out
+
+
+# -- the parent: run, compare, report -------------------------------------------------------------
+
+def run_child(config: Config, device_kind: str, timeout_s: float, why_limit: str = "") -> dict:
+    """Run one configuration in a subprocess (its own process group, so a timeout ends its compile workers too)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(asdict(config)), "--device", device_kind]
+    began = time.monotonic()
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            process_group=0)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s{why_limit}",
+                "wall_s": time.monotonic() - began, "stderr_tail": stderr[-3000:]}
+    wall_s = time.monotonic() - began
+    marked = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not marked:
+        lines = [line for line in stderr.splitlines() if line.strip() and not line[0].isspace()]  # not hints, not frames
+        return {"status": "error", "error": lines[-1][:300] if lines else f"exit code {proc.returncode}",
+                "returncode": proc.returncode, "wall_s": wall_s, "stderr_tail": stderr[-3000:]}
+    return {**json.loads(marked[-1][len(RESULT_MARK):]), "wall_s": wall_s}
+
+
+def pct(predicted: float | None, measured: float | None) -> float | None:
+    if predicted is None or not measured:
+        return None
+    return 100 * (predicted - measured) / measured
+
+
+def verdict(predicted_fits: bool, measured: dict, capacity_bytes: int) -> dict:
+    """Does the run fit the (emulated) card, and does the planner agree? Unknown on a CPU or after an error."""
+    status = measured["status"]
+    if status == "oom":
+        actual, why = False, "out of memory"
+    elif status != "ok":
+        actual, why = None, status
+    elif measured.get("device") != "cuda":
+        actual, why = None, "no GPU: the cap cannot be emulated"
+    elif measured["peak_bytes"] > capacity_bytes:
+        actual, why = False, f"peak {measured['peak_bytes'] / GiB:.2f} GiB exceeds the cap {capacity_bytes / GiB:.2f} GiB"
+    else:
+        actual, why = True, "ran within the cap"
+    return {"capacity_bytes": capacity_bytes, "predicted_fits": predicted_fits, "actual_fits": actual,
+            "agrees": None if actual is None else actual == predicted_fits, "why": why}
+
+
+def boundary(base: Config) -> list[Config]:
+    """The largest micro-batch the planner fits on the base's profile, and one more (one run when none fits)."""
+    def fits(micro_batch: int) -> bool:
+        return plan_for(replace(base, micro_batch=micro_batch), base.profile).fits
+
+    if not fits(1):
+        return [replace(base, micro_batch=1)]
+    low, high = 1, MAX_FIT_MICRO_BATCH
+    while low < high:  # predicted memory grows with the micro-batch
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return [replace(base, micro_batch=low), replace(base, micro_batch=low + 1)]
+
+
+def configs_for(part: str, tiny: bool) -> list[Config]:
+    if part == "matrix":
+        chosen = matrix()
+    else:
+        profile = FIT_PROFILES[part]
+        cap = plan_for(fit_bases(part)[0], profile).memory.capacity_bytes  # type: ignore[union-attr]
+        chosen = [replace(c, cap_bytes=cap) for base in fit_bases(part) for c in boundary(base)]
+    return [replace(c, tiny=tiny) for c in chosen]
+
+
+def record(part: str, config: Config, measured: dict | None) -> dict:
+    predicted = prediction(config, plan_for(config, config.profile))
+    entry = {"name": config.name, "part": part, "config": asdict(config), "tokens_per_step": tokens_per_step(config),
+             "executed_flops_per_token": executed_flops(config), "predicted": predicted, "measured": measured}
+    if measured is None:
+        return entry
+    on_gpu = measured.get("device") == "cuda" and measured["status"] == "ok"
+    entry["error_pct"] = {
+        "peak": pct(predicted["peak_bytes"], measured.get("peak_bytes")) if on_gpu else None,
+        "allocated": pct(predicted["allocated_bytes"], measured.get("max_allocated_bytes")) if on_gpu else None,
+        "reserved": pct(predicted["reserved_bytes"], measured.get("max_reserved_bytes")) if on_gpu else None,
+        "runtime": pct(predicted["breakdown"]["runtime_bytes"], measured.get("runtime_bytes")) if on_gpu else None,
+        "step_catalog": pct(predicted["step_s"], measured.get("mean_step_s")) if on_gpu else None,
+        "step_probed": None,
+    }
+    entry["verdict"] = verdict(predicted["fits"], measured, predicted["capacity_bytes"])
+    return entry
+
+
+def calibrate(entries: list[dict]) -> dict[str, str]:
+    """Probe with each precision's reference run, then re-plan every other run's speed through the hook."""
+    flops_per_s: dict[str, float] = {}
+    sources: dict[str, str] = {}
+    for e in entries:
+        m, c = e["measured"], e["config"]
+        if c["reference"] and m and m.get("tokens_per_s") and m.get("device") == "cuda":
+            flops_per_s[c["precision"]] = m["tokens_per_s"] * e["executed_flops_per_token"]
+            sources[c["precision"]] = e["name"]
+    for e in entries:
+        m, config = e["measured"], Config(**e["config"])
+        if not m or e["config"]["reference"] or config.precision not in flops_per_s:
+            continue
+        probe = ProbedThroughput(flops_per_s, sources, lora=config.lora, checkpointing=config.checkpointing)
+        plan = plan_for(config, H100, throughput=probe)
+        step = tokens_per_step(config) / plan.tokens_per_s
+        e["predicted_probed"] = {"tokens_per_s": plan.tokens_per_s, "step_s": step, "source": plan.throughput_source}
+        e["error_pct"]["step_probed"] = pct(step, m.get("mean_step_s"))
+    return sources
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summarize(entries: list[dict]) -> dict:
+    ran = [e for e in entries if e["measured"] and e["measured"]["status"] == "ok"]
+    peak = [e["error_pct"]["peak"] for e in ran if e["error_pct"]["peak"] is not None]
+    step = [e["error_pct"]["step_probed"] for e in ran if e["error_pct"]["step_probed"] is not None]
+    verdicts = [e["verdict"] for e in entries if e.get("verdict") and e["verdict"]["agrees"] is not None]
+    return {
+        "configs": len(entries), "ran": len(ran),
+        "oom": sum(1 for e in entries if e["measured"] and e["measured"]["status"] == "oom"),
+        "failed": [e["name"] for e in entries if e["measured"] and e["measured"]["status"] in ("error", "timeout")],
+        "not_run": [e["name"] for e in entries if e["measured"] is None],
+        "peak_within_10pct": sum(1 for p in peak if abs(p) <= 100 * MEMORY_TARGET), "peak_compared": len(peak),
+        "peak_error_pct_max_abs": max((abs(p) for p in peak), default=None),
+        "step_within_15pct": sum(1 for s in step if abs(s) <= 100 * STEP_TARGET), "step_compared": len(step),
+        "verdicts_checked": len(verdicts), "wrong_verdicts": [e["name"] for e in entries
+                                                             if e.get("verdict") and e["verdict"]["agrees"] is False],
+    }
+
+
+def fmt(value: float | None, spec: str, width: int = 0) -> str:
+    return ("-" if value is None else format(value, spec)).rjust(width)
+
+
+def table(entries: list[dict]) -> str:
+    head = (f"{'config':58} {'peak GiB':>8} {'pred':>6} {'err%':>6} {'step ms':>8} {'pred ms':>8} {'err%':>6}  verdict")
+    lines = [head, "-" * len(head)]
+    for e in entries:
+        m, p = e["measured"] or {}, e["predicted"]
+        err = e.get("error_pct") or {}
+        probed = (e.get("predicted_probed") or {}).get("step_s")
+        if e["config"]["reference"]:
+            step_err = "ref"
+        else:
+            step_err = fmt(err.get("step_probed"), "+.1f")
+        v = e.get("verdict")
+        if not m:
+            shown = f"not run (predicted {'fit' if p['fits'] else 'no fit'})"
+        elif m["status"] in ("error", "timeout"):
+            shown = f"{m['status']}: {m.get('error', '')}"[:60]
+        elif v is None or v["agrees"] is None:
+            shown = f"- ({v['why'] if v else 'n/a'})"
+        elif v["agrees"]:
+            shown = f"ok ({'fits' if v['predicted_fits'] else 'does not fit'})"
+        else:
+            shown = f"WRONG: predicted {'fit' if v['predicted_fits'] else 'no fit'}, {v['why']}"
+        mean_s = m.get("mean_step_s")
+        peak = m.get("peak_bytes") if m.get("device") == "cuda" else None
+        lines.append(f"{e['name'][:58]:58} {fmt(peak and peak / GiB, '.2f', 8)} {p['peak_bytes'] / GiB:6.2f} "
+                     f"{fmt(err.get('peak'), '+.1f', 6)} {fmt(mean_s and mean_s * 1000, '.1f', 8)} "
+                     f"{fmt(probed and probed * 1000, '.1f', 8)} {step_err:>6}  {shown}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["matrix", "fit24", "fit40", "all"], default="matrix")
+    parser.add_argument("--out", type=Path, help="directory for one JSON per configuration and results.json")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="2-layer models, short rows: a CPU smoke test")
+    parser.add_argument("--limit", type=int, help="run only the first N configurations of each part")
+    parser.add_argument("--only", help="run only these configurations (comma-separated names)")
+    parser.add_argument("--timeout-s", type=float, default=240, help="per configuration")
+    parser.add_argument("--budget-s", type=float, default=540,
+                        help="start no configuration after this many seconds; the rest are reported as not run")
+    parser.add_argument("--dry-run", action="store_true", help="print the configurations and predictions only")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one configuration as JSON
+    args = parser.parse_args()
+
+    if args.one:
+        result = run_one(Config(**json.loads(args.one)), args.device)
+        print(RESULT_MARK + json.dumps(result), flush=True)
+        return
+    if args.out is None and not args.dry_run:
+        parser.error("--out is required")
+
+    parts = ["matrix", "fit24", "fit40"] if args.part == "all" else [args.part]
+    planned: list[tuple[str, Config]] = []
+    for part in parts:
+        chosen = configs_for(part, args.tiny)
+        if args.only:
+            wanted = set(args.only.split(","))
+            chosen = [c for c in chosen if c.name in wanted]
+        planned += [(part, c) for c in chosen[: args.limit]]
+
+    began = time.monotonic()
+    entries: list[dict] = []
+    for i, (part, config) in enumerate(planned):
+        left = args.budget_s - (time.monotonic() - began)
+        measured = None
+        if not args.dry_run and left > 20:
+            print(f"[{i + 1}/{len(planned)}] {config.name} ...", flush=True)
+            measured = run_child(config, args.device, min(args.timeout_s, left),
+                                 " (the end of --budget-s)" if left < args.timeout_s else "")
+            print(f"    {measured['status']} in {measured['wall_s']:.0f} s"
+                  + (f": {measured['error']}" if measured.get("error") else ""), flush=True)
+        entry = record(part, config, measured)
+        entries.append(entry)
+        if args.out and measured is not None:
+            write_json(args.out / f"{config.name}.json", entry)
+
+    references = calibrate(entries)
+    summary = summarize(entries)
+    report = {
+        "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "part": args.part,
+        "device": next((e["measured"].get("device_name") for e in entries if e["measured"]), None),
+        "torch": next((e["measured"].get("torch") for e in entries if e["measured"] and "torch" in e["measured"]), None),
+        "transformers": next((e["measured"].get("transformers") for e in entries
+                              if e["measured"] and "transformers" in e["measured"]), None),
+        "wall_s": time.monotonic() - began, "references": references, "summary": summary, "results": entries,
+    }
+    if args.out:
+        for entry in entries:
+            if entry["measured"] is not None:
+                write_json(args.out / f"{entry['name']}.json", entry)
+        write_json(args.out / "results.json", report)
+    print()
+    print(table(entries))
+    s = summary
+    print(f"\n{report['device'] or 'nothing run'}; peak within 10%: {s['peak_within_10pct']}/{s['peak_compared']} "
+          f"(worst {fmt(s['peak_error_pct_max_abs'], '.1f')}%); probed step time within 15%: "
+          f"{s['step_within_15pct']}/{s['step_compared']}; wrong verdicts: {len(s['wrong_verdicts'])}"
+          f"/{s['verdicts_checked']}; oom {s['oom']}; failed {len(s['failed'])}; not run {len(s['not_run'])}"
+          + (f"; results in {args.out}" if args.out else ""))
+
+
+if __name__ == "__main__":
+    main()
