@@ -151,3 +151,17 @@ def _count(observations: Sequence[Observation]) -> str:
         if n:
             parts.append(f"{n} {kind}{'s' if n != 1 else ''}")
     return " and ".join(parts)
+
+
+def default_calibration() -> Calibration | None:
+    """The calibration from the default run store, or None when no run was ever recorded here."""
+    from runner.store import Store, default_store_path
+
+    path = default_store_path()
+    if not path.is_file():
+        return None
+    store = Store.open(path)
+    try:
+        return Calibration.from_store(store)
+    finally:
+        store.close()

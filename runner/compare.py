@@ -267,7 +267,7 @@ class Verdict:
 
     def line(self) -> str:
         c, f, b = self.cheapest, self.fastest, self.best_loss_per_dollar
-        cost = "free (local)" if c.usd_to_budget == 0 else f"${c.usd_to_budget:,.2f}"
+        cost = "free" if c.usd_to_budget == 0 else f"${c.usd_to_budget:,.2f}"
         text = (f"{self.job}: cheapest to reach {format_count(self.budget_tokens)} tokens: {c.host} ({cost}); "
                 f"fastest: {f.host} ({format_duration(f.seconds_to_budget)})")
         if b is not None:
@@ -458,7 +458,8 @@ def table(rows_: Sequence[Row]) -> Table:
     headers, cells = _display(rows_)
     out = Table(show_edge=False, box=None, header_style="bold")
     for h in headers:
-        out.add_column(h, justify="left" if h in ("run", "profile", "host", "job", "flags") else "right")
+        out.add_column(h, justify="left" if h in ("run", "profile", "host", "job", "flags") else "right",
+                       no_wrap=h != "flags")
     for row, text in zip(rows_, cells):
         out.add_row(*text[:-1], f"[red]{text[-1]}[/red]" if row.flags else "")
     return out

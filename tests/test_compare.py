@@ -96,7 +96,7 @@ def test_verdict_extrapolates_to_the_budget_and_prefers_free_hosts_for_loss_per_
     assert box.seconds_to_budget == pytest.approx(200) and box.usd_to_budget == pytest.approx(200 / 3600)
     assert v.cheapest.host == "local" and v.fastest.host == "box"
     assert v.best_loss_per_dollar.host == "local" and math.isinf(v.best_loss_per_dollar.loss_drop_per_usd)
-    assert "free (local)" in v.line()
+    assert "local (free)" in v.line()
 
 
 def test_verdict_counts_only_succeeded_runs_and_one_per_job():

@@ -1,0 +1,377 @@
+"""Probe a host: short fixed-step training runs per shape, and what the host can do in a day.
+
+``probe(...)`` writes one small job per (model, sequence length), runs each on
+the host through the same dispatch path as ``runner run`` (so the runs are in
+the run store too), and records tokens/s, step time, peak memory and stability
+in the ``probes`` table beside the runs, with the host, profile, software and
+date. ``capacity(results, hours)`` turns probe results into the capacity table:
+tokens reachable in ``hours`` per configuration, which fit, and a recommended
+primary and fallback configuration.
+
+The recommendation follows the compute-optimal rule of thumb (Hoffmann et al.
+2022, about 20 training tokens per parameter): the primary configuration is the
+largest model that reaches 20 tokens per parameter in the time given (else the
+one that comes closest), the fallback the next smaller model that fits, which
+leaves more memory and time to spare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from runner.errors import EXIT_REFUSED, UserError
+from runner.presets import ModelShape, lookup_preset
+from runner.units import format_bytes, format_count, format_duration
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from runner.calibration import Observation
+    from runner.hosts import Inventory
+    from runner.store import Store
+
+TOKENS_PER_PARAM = 20  # compute-optimal training tokens per parameter (Chinchilla)
+DEFAULT_STEPS = 30
+Outcome = Literal["ok", "oom", "diverged", "error", "refused"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS probes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT,                  -- the run of this probe in the runs table (none when the plan refused it)
+    host TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    model TEXT NOT NULL,          -- the preset probed (d12, tiny, ...)
+    shape_json TEXT NOT NULL,     -- its ModelShape
+    seq_len INTEGER NOT NULL,
+    micro_batch INTEGER NOT NULL,
+    grad_accum INTEGER NOT NULL,
+    precision TEXT NOT NULL,
+    steps INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    tokens_per_s REAL,
+    step_s REAL,
+    wall_s REAL NOT NULL,
+    peak_bytes INTEGER,
+    capacity_bytes INTEGER NOT NULL,
+    outcome TEXT NOT NULL,        -- ok | oom | diverged | error | refused
+    detail TEXT NOT NULL,
+    versions_json TEXT NOT NULL,  -- runner, backend, image, python, torch
+    probed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS probes_host ON probes(host, probed_at);
+"""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One shape tried on one host."""
+
+    host: str
+    profile: str
+    model: str
+    shape: ModelShape
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    precision: str
+    steps: int
+    tokens: int
+    tokens_per_s: float | None
+    step_s: float | None
+    wall_s: float
+    peak_bytes: int | None
+    capacity_bytes: int
+    outcome: Outcome
+    detail: str
+    versions: dict
+    probed_at: float
+    run_id: str | None = None
+
+    @property
+    def stable(self) -> bool:
+        """Finished its steps with a finite loss and no out-of-memory."""
+        return self.outcome == "ok"
+
+    @property
+    def fits(self) -> bool:
+        return self.stable and (self.peak_bytes is None or self.peak_bytes <= self.capacity_bytes)
+
+    @property
+    def params(self) -> int:
+        return self.shape.param_count()
+
+
+# --- the probes table ---------------------------------------------------------------------
+
+def _connect(store: Store) -> sqlite3.Connection:
+    db = sqlite3.connect(store.path, timeout=30)
+    db.row_factory = sqlite3.Row
+    db.executescript(SCHEMA)
+    return db
+
+
+def record(store: Store, result: ProbeResult) -> None:
+    """Append one probe result to the store's ``probes`` table."""
+    values = {k: v for k, v in asdict(result).items() if k not in ("shape", "versions")}
+    values["shape_json"] = json.dumps(result.shape.to_dict())
+    values["versions_json"] = json.dumps(result.versions, sort_keys=True)
+    with closing(_connect(store)) as db, db:
+        db.execute(f"INSERT INTO probes ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                   tuple(values.values()))
+
+
+def results(store: Store, host: str | None = None) -> list[ProbeResult]:
+    """Recorded probe results, oldest first (of one host when given)."""
+    query, params = "SELECT * FROM probes", ()
+    if host is not None:
+        query, params = query + " WHERE host = ?", (host,)
+    with closing(_connect(store)) as db:
+        rows = db.execute(query + " ORDER BY probed_at, id", params).fetchall()
+    out = []
+    for row in rows:
+        data = {k: row[k] for k in row.keys() if k not in ("id", "shape_json", "versions_json")}
+        out.append(ProbeResult(**data, shape=ModelShape(**json.loads(row["shape_json"])),
+                               versions=json.loads(row["versions_json"])))
+    return out
+
+
+def latest(found: Sequence[ProbeResult]) -> list[ProbeResult]:
+    """The newest result per (host, model, seq_len), in the order first probed."""
+    newest: dict[tuple[str, str, int], ProbeResult] = {}
+    for r in sorted(found, key=lambda r: r.probed_at):
+        newest[(r.host, r.model, r.seq_len)] = r
+    return list(newest.values())
+
+
+def probe_run_ids(store: Store) -> set[str]:
+    with closing(_connect(store)) as db:
+        return {r[0] for r in db.execute("SELECT run_id FROM probes WHERE run_id IS NOT NULL")}
+
+
+def probe_observations(store: Store) -> list[Observation]:
+    """Stable probes as calibration observations."""
+    from runner.calibration import Observation
+
+    return [Observation(host=r.host, profile=r.profile, shape=r.shape, seq_len=r.seq_len, precision=r.precision,
+                        tokens_per_s=r.tokens_per_s, peak_bytes=r.peak_bytes,
+                        overhead_s=max(0.0, r.wall_s - r.tokens / r.tokens_per_s), kind="probe", at=r.probed_at)
+            for r in results(store) if r.stable and r.tokens_per_s]
+
+
+# --- running probes -----------------------------------------------------------------------
+
+def sample_data_dir() -> Path:
+    """The sample corpus shipped with the runner's sources (what probes train on)."""
+    return Path(__file__).resolve().parent.parent / "data" / "sample"
+
+
+def probe_job(model: str, seq_len: int, steps: int, batch_size: int | str, data: Path) -> str:
+    """A job file that trains ``model`` for exactly ``steps`` steps at ``seq_len``: no evals."""
+    sources = [data / "news.jsonl", data / "filings.txt"]
+    missing = [p for p in sources if not p.is_file()]
+    if missing:
+        raise UserError(f"the sample data probes train on is missing: {missing[0]}", field="probe",
+                        hint="probe from a checkout of the runner's sources, which ship data/sample")
+    return json.dumps({
+        "name": f"probe-{model}-s{seq_len}",
+        "description": f"capacity probe: {steps} steps of {model} at seq_len {seq_len}",
+        "model": model,
+        "data": {"sources": [{"path": str(p)} for p in sources], "validation": 0, "seq_len": seq_len},
+        "train": {"batch_size": batch_size, "warmup_steps": max(1, steps // 5), "log_every_steps": max(1, steps // 5)},
+        "budget": {"max_steps": steps, "max_hours": 0.5},
+        "checkpoint": {"every_steps": steps, "keep_last": 1},
+        "eval": {"on_start": False, "every_steps": steps + 1},
+    }, indent=2) + "\n"  # JSON is YAML
+
+
+def versions(run_backend: str, image: str | None) -> dict:
+    """The software a probe ran with: the runner, the backend, and the image or this interpreter."""
+    found = {"runner": _version("runner"), "backend": run_backend}
+    if image:
+        found["image"] = image
+    else:
+        found["python"] = platform.python_version()
+        found["torch"] = _version("torch")
+    return found
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int], *, steps: int = DEFAULT_STEPS,
+          batch_size: int | str = "auto", backend: str | None = None, inventory: Inventory | None = None,
+          say: Callable[[str], None] = print) -> list[ProbeResult]:
+    """Run one short training run per (model, seq_len) on ``host`` and record each result."""
+    from runner import dispatch
+    from runner.hosts import hardware, load_inventory
+
+    for model in models:
+        if lookup_preset(model) is None:
+            raise UserError(f"unknown model preset {model!r}", field="probe", hint="e.g. d12, d20 or tiny")
+    inventory = inventory or load_inventory()
+    hw = hardware(inventory.get(host))
+    folder = store.path.parent / "probes" / f"{host}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for model in models:
+        for seq_len in seq_lens:
+            job_file = folder / f"probe-{model}-s{seq_len}.yaml"
+            job_file.write_text(probe_job(model, seq_len, steps, batch_size, sample_data_dir()))
+            result = _probe_one(store, dispatch, job_file, host, model, seq_len, steps, hw, backend, inventory)
+            record(store, result)
+            out.append(result)
+            say(f"probe {model} seq {seq_len} on {host}: {result.outcome}"
+                + (f", {format_count(result.tokens_per_s)} tokens/s" if result.tokens_per_s else "")
+                + (f", peak {format_bytes(result.peak_bytes)}" if result.peak_bytes else "")
+                + (f" ({result.detail})" if result.outcome != "ok" else ""))
+    return out
+
+
+def _probe_one(store, dispatch, job_file: Path, host: str, model: str, seq_len: int, steps: int, hw, backend,
+               inventory) -> ProbeResult:
+    shape = lookup_preset(model)
+    assert shape is not None
+    base = dict(host=host, profile=hw.profile.id, model=model, shape=shape, seq_len=seq_len,
+                capacity_bytes=hw.capacity_bytes, probed_at=time.time())
+    try:
+        prepared = dispatch.prepare(job_file, host=host, backend=backend, inventory=inventory)[0]
+    except UserError as exc:
+        if exc.exit_code != EXIT_REFUSED:
+            raise
+        return ProbeResult(**base, micro_batch=0, grad_accum=0, precision=hw.profile.default_precision, steps=0,
+                           tokens=0, tokens_per_s=None, step_s=None, wall_s=0.0, peak_bytes=None, outcome="refused",
+                           detail=exc.message, versions=versions(backend or "-", None))
+    stage = prepared.resolved.stages[0]
+    run = dispatch.launch(store, prepared, say=lambda _: None)
+    run = dispatch.wait(store, run.id)
+    summary = dispatch.read_summary(Path(run.run_dir)) or {}
+    outcome, detail = _outcome(run.state, run.reason, summary)
+    tokens_per_s = summary.get("tokens_per_s")
+    tokens_per_step = stage.tokens_per_step(prepared.resolved.gpus)
+    return ProbeResult(
+        **base, micro_batch=stage.micro_batch, grad_accum=stage.grad_accum, precision=prepared.resolved.precision,
+        steps=int(summary.get("steps") or 0), tokens=int(summary.get("tokens") or 0), tokens_per_s=tokens_per_s,
+        step_s=tokens_per_step / tokens_per_s if tokens_per_s else None, wall_s=run.wall_s,
+        peak_bytes=summary.get("peak_bytes"), outcome=outcome, detail=detail,
+        versions=versions(run.backend, run.image), run_id=run.id)
+
+
+def _outcome(state: str, reason: str, summary: dict) -> tuple[Outcome, str]:
+    error = summary.get("error") or ""
+    if "out of memory" in error.lower() or "OOM" in reason:
+        return "oom", error or reason
+    loss = summary.get("final_loss")
+    if state == "succeeded":
+        if loss is None or not math.isfinite(loss):
+            return "diverged", f"final loss {loss}"
+        return "ok", f"final loss {loss:.3f}"
+    return "error", error or reason
+
+
+# --- the capacity table -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CapacityRow:
+    """One probed configuration and what it reaches in the time given."""
+
+    result: ProbeResult
+    hours: float
+
+    @property
+    def tokens(self) -> int | None:
+        """Tokens trained in ``hours`` at the probed rate (None when it did not run cleanly)."""
+        if not self.result.stable or not self.result.tokens_per_s:
+            return None
+        return int(self.result.tokens_per_s * self.hours * 3600)
+
+    @property
+    def tokens_per_param(self) -> float | None:
+        return None if self.tokens is None else self.tokens / self.result.params
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The capacity table of a host and its recommendation."""
+
+    host: str
+    hours: float
+    rows: tuple[CapacityRow, ...]
+    primary: CapacityRow | None
+    fallback: CapacityRow | None
+
+    def recommendation(self) -> str:
+        if self.primary is None:
+            return f"nothing probed on {self.host} ran cleanly: no recommendation"
+        text = f"recommended on {self.host} for {_hours(self.hours)}: {_describe(self.primary)}"
+        if self.fallback is not None:
+            text += f"; fallback: {_describe(self.fallback)}"
+        return text
+
+
+def capacity(found: Sequence[ProbeResult], hours: float = 24.0) -> Capacity:
+    """The capacity table for one host's probe results, with a primary and a fallback configuration."""
+    rows = tuple(CapacityRow(r, hours) for r in sorted(found, key=lambda r: (r.params, r.seq_len)))
+    fitting = [r for r in rows if r.result.fits and r.tokens]
+    host = found[0].host if found else "?"
+    if not fitting:
+        return Capacity(host, hours, rows, None, None)
+    optimal = [r for r in fitting if r.tokens_per_param >= TOKENS_PER_PARAM]  # type: ignore[operator]
+    if optimal:  # the largest such model, at its longest sequence
+        primary = max(optimal, key=lambda r: (r.result.params, r.result.seq_len))
+    else:  # none trains long enough: the one closest to the rule
+        primary = max(fitting, key=lambda r: (r.tokens_per_param, r.result.seq_len))
+    smaller = [r for r in fitting if r.result.params < primary.result.params]
+    same_seq = [r for r in smaller if r.result.seq_len == primary.result.seq_len]
+    pool = same_seq or smaller or [r for r in fitting if r is not primary]
+    fallback = max(pool, key=lambda r: (r.result.params, r.result.seq_len), default=None)
+    return Capacity(host, hours, rows, primary, fallback)
+
+
+def capacity_table(cap: Capacity) -> Table:
+    from rich.table import Table
+
+    table = Table(title=f"capacity of {cap.host} in {_hours(cap.hours)}", title_justify="left", show_edge=False,
+                  box=None, header_style="bold")
+    for name in ("model", "params", "seq", "batch x accum", "precision", "tokens/s", "step", "peak / capacity",
+                 "stable", f"tokens in {_hours(cap.hours)}", "tokens/param", ""):
+        table.add_column(name, justify="left" if name in ("model", "precision", "stable", "") else "right")
+    for row in cap.rows:
+        r = row.result
+        mark = "primary" if row is cap.primary else "fallback" if row is cap.fallback else ""
+        stable = "yes" if r.stable else r.outcome
+        if r.stable and not r.fits:
+            stable = "over capacity"
+        table.add_row(
+            r.model, format_count(r.params), str(r.seq_len),
+            f"{r.micro_batch}x{r.grad_accum}" if r.micro_batch else "-", r.precision,
+            format_count(r.tokens_per_s) if r.tokens_per_s else "-",
+            f"{r.step_s:.2f}s" if r.step_s else "-",
+            f"{format_bytes(r.peak_bytes) if r.peak_bytes else '-'} / {format_bytes(r.capacity_bytes)}",
+            stable, format_count(row.tokens) if row.tokens else "-",
+            f"{row.tokens_per_param:.1f}" if row.tokens_per_param is not None else "-", mark)
+    return table
+
+
+def _describe(row: CapacityRow) -> str:
+    r = row.result
+    return (f"{r.model} at seq {r.seq_len}, batch {r.micro_batch}x{r.grad_accum} "
+            f"({format_count(row.tokens or 0)} tokens, {row.tokens_per_param:.0f} per param)")
+
+
+def _hours(hours: float) -> str:
+    return f"{hours:g}h" if hours >= 1 and float(hours).is_integer() else format_duration(hours * 3600)
