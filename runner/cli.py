@@ -158,6 +158,7 @@ def validate(args: argparse.Namespace) -> int:
          arg("--breakdown", action="store_true", help="show the memory breakdown for every host"),
          arg("--json", action="store_true", help="print the plans as JSON"))
 def plan(args: argparse.Namespace) -> int:
+    from runner.calibration import default_calibration
     from runner.hosts import load_inventory
     from runner.plan import plan_hosts
     from runner.spec import check_job, load_jobs
@@ -181,9 +182,10 @@ def plan(args: argparse.Namespace) -> int:
     if args.host:
         inventory.get(args.host)
     results = []
+    throughput = default_calibration()  # measured runs and probes, where there are any
     for job in jobs:
         hosts = [args.host] if args.host else inventory.names if args.all_hosts else None
-        results.append((job, plan_hosts(job, hosts, inventory=inventory)))
+        results.append((job, plan_hosts(job, hosts, inventory=inventory, throughput=throughput)))
     if args.json:
         print(json.dumps([{"job": job.name, "file": job.file, "plans": [plan_json(p) for p in plans]}
                           for job, plans in results], indent=2))
@@ -541,6 +543,95 @@ def tui(args: argparse.Namespace) -> int:
     RunnerApp(Settings(jobs_dir=Path(args.jobs_dir), hosts_file=Path(args.hosts_file) if args.hosts_file else None,
                        store_path=Path(args.store) if args.store else None, sets=tuple(args.sets))).run()
     return EXIT_OK
+
+
+# --- compare and probe --------------------------------------------------------------------
+
+@command("compare", "compare runs across hosts: tokens/s, MFU, time, cost, loss, and how far off the plan was",
+         arg("runs", nargs="*", metavar="RUN", help="run ids or unique prefixes (default: every finished run)"),
+         arg("--job", metavar="NAME", help="every finished run of this experiment"),
+         arg("--by", choices=["run", "profile"], default="run", help="one row per run (default) or per profile"),
+         arg("--format", choices=["table", "csv", "json", "md"], default="table"),
+         arg("--plot", metavar="FILE", help="write loss against tokens, time and dollars as a PNG"),
+         *STORE_ARGS)
+def compare(args: argparse.Namespace) -> int:
+    from runner import compare as cmp
+    from runner.store import Store
+
+    if args.runs and args.job:
+        raise UserError("give run ids or --job, not both", field="compare")
+    store = Store.open(args.store)
+    try:
+        found = cmp.records(store, args.runs, job=args.job)
+    finally:
+        store.close()
+    rows, verdicts = cmp.rows(found, by=args.by), cmp.verdicts(found)
+    if args.format == "table":
+        out = console()
+        out.print(cmp.table(rows))
+        for verdict in verdicts:
+            out.print(verdict.line(), highlight=False, markup=False)
+    else:
+        sys.stdout.write(cmp.render(rows, verdicts, args.format))
+    if args.plot or (args.format == "table" and sys.stdout.isatty()):
+        from runner import plots
+
+        drawn = plots.curves(found)
+        if args.plot and drawn:
+            title = ", ".join(dict.fromkeys(r.job for r in found))
+            print(f"plot: {plots.write_png(drawn, args.plot, title=title)}", file=sys.stderr)
+        elif args.plot:
+            print("plot: no metrics to draw", file=sys.stderr)
+        if args.format == "table" and sys.stdout.isatty() and drawn:
+            print(plots.draw_terminal(drawn))
+    return EXIT_OK
+
+
+@command("probe", "measure a host: short fixed-step runs per shape, then what it can train in a day",
+         arg("host", metavar="HOST"),
+         arg("--depths", default="12,14,16,18,20", metavar="N,N", help="nanochat depths to probe (dN presets)"),
+         arg("--models", metavar="NAME,NAME", help="model presets to probe instead of depths, e.g. tiny,d12"),
+         arg("--seq", default="512,1024,2048", metavar="N,N", help="sequence lengths to probe"),
+         arg("--steps", type=int, default=30, metavar="N", help="training steps per probe (default 30)"),
+         arg("--hours", default="24", metavar="HOURS", help="the time the capacity table is for (24, 90m, 2d)"),
+         arg("--batch-size", default="auto", metavar="N", help="micro-batch per probe (default: the largest that fits)"),
+         arg("--backend", choices=["docker", "native"], help="force a backend (default: from the host's profile)"),
+         *STORE_ARGS)
+def probe(args: argparse.Namespace) -> int:
+    from runner import capacity
+    from runner.hosts import load_inventory
+    from runner.store import Store
+    from runner.units import parse_hours
+
+    def numbers(text: str, what: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise UserError(f"{what} must be positive whole numbers separated by commas, got {text!r}", field=what)
+        return values
+
+    try:
+        hours = parse_hours(args.hours)
+    except ValueError as exc:
+        raise UserError(str(exc), field="hours") from None
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else \
+        [f"d{n}" for n in numbers(args.depths, "depths")]
+    batch = args.batch_size if args.batch_size == "auto" else numbers(args.batch_size, "batch-size")[0]
+    inventory = load_inventory(args.hosts_file)
+    store = Store.open(args.store)
+    try:
+        found = capacity.probe(store, args.host, models, numbers(args.seq, "seq"), steps=args.steps,
+                               batch_size=batch, backend=args.backend, inventory=inventory,
+                               say=lambda line: print(line, file=sys.stderr, flush=True))
+    finally:
+        store.close()
+    cap = capacity.capacity(found, hours)
+    out = console()
+    out.print(capacity.capacity_table(cap))
+    out.print(cap.recommendation(), markup=False, highlight=False)
+    return EXIT_OK if cap.primary is not None else EXIT_REFUSED
 
 
 if __name__ == "__main__":
