@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import capacity, dispatch, images
-from runner.backends import docker_available
+from conftest import OFFLINE_IMAGE_ENV
+
+from runner import capacity, dispatch
 from runner.calibration import Calibration
 from runner.cli import main
 from runner.hosts import Host, Inventory
@@ -24,7 +25,6 @@ from runner.store import Store
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
-OFFLINE_BASE = "runner-python:bookworm"  # what scripts/ensure-docker.sh builds
 
 
 def local_host(name: str, price: float) -> Host:
@@ -42,21 +42,11 @@ def store(tmp_path, monkeypatch):
     opened.close()
 
 
-def container_backend(monkeypatch) -> str:
-    """docker when an engine and the offline base image are here (built from the local wheels), else native."""
-    if not docker_available():
-        return "native"
-    import docker
-
-    client = docker.from_env()
-    try:
-        client.images.get(OFFLINE_BASE)
-    except docker.errors.ImageNotFound:
-        return "native"
-    finally:
-        client.close()
-    monkeypatch.setenv(images.BASE_IMAGE_ENV, OFFLINE_BASE)
-    monkeypatch.setenv(images.OFFLINE_ENV, "1")
+@pytest.fixture
+def container_backend(trainer_image, monkeypatch) -> str:
+    """docker, on the offline trainer image the session built."""
+    for key, value in OFFLINE_IMAGE_ENV.items():
+        monkeypatch.setenv(key, value)
     return "docker"
 
 
@@ -67,13 +57,14 @@ def run_job(store, host, inventory, backend, sets):
     return run
 
 
+@pytest.mark.docker
 def test_quickstart_on_two_hosts_compares_with_consistent_figures_and_plots_one_line_per_host(store, tmp_path,
-                                                                                             capsys, monkeypatch):
+                                                                                             capsys, container_backend):
     from PIL import Image
 
     inventory = Inventory({"local": local_host("local", 0.0), "rented": local_host("rented", 1.8)}, None)
     sets = ["budget.tokens=80k", "eval.every_steps=10", "checkpoint.every_steps=100"]
-    first = run_job(store, "local", inventory, container_backend(monkeypatch), sets)
+    first = run_job(store, "local", inventory, container_backend, sets)
     second = run_job(store, "rented", inventory, "native", sets)
 
     plot = tmp_path / "loss.png"
