@@ -20,8 +20,11 @@ import docker
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Containers a test starts carry this label; the docker_engine fixture removes them, and only them.
-TEST_CONTAINER_LABEL = "runner.test=1"
+# Containers a test starts carry the label runner.test=<this session's id> (the docker backend adds it
+# from RUNNER_TEST_LABEL); the docker_engine fixture removes this session's, and those of sessions that
+# are gone, never those of a test session running beside this one.
+TEST_SESSION = str(os.getpid())
+os.environ["RUNNER_TEST_LABEL"] = TEST_SESSION
 
 # Test modules import the test-host library as `sshhosts`, whichever import mode pytest uses.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,22 +47,33 @@ def _ensure(script: str) -> None:
         _unavailable(f"scripts/{script} failed{not_root}:\n" + "\n".join(output))
 
 
-def _remove_test_containers(client: docker.DockerClient) -> None:
-    for container in client.containers.list(all=True, filters={"label": TEST_CONTAINER_LABEL}):
-        container.remove(force=True)
+def _session_alive(session: str) -> bool:
+    try:
+        return b"pytest" in Path(f"/proc/{int(session)}/cmdline").read_bytes()
+    except (ValueError, OSError):
+        return False
+
+
+def _remove_test_containers(client: docker.DockerClient, *, ours: bool) -> None:
+    """Remove this session's test containers (ours) or those left by sessions that are gone."""
+    for container in client.containers.list(all=True, filters={"label": "runner.test"}):
+        session = container.labels.get("runner.test", "")
+        if (session == TEST_SESSION) if ours else (session != TEST_SESSION and not _session_alive(session)):
+            container.remove(force=True)
 
 
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[docker.DockerClient]:
     """A docker.DockerClient for a running engine that has runner-base and runner-python images.
 
-    Label every container a test starts with ``runner.test=1``; those are removed when the test run ends.
+    Label every container a test starts with ``runner.test=TEST_SESSION``; those are removed when the test
+    run ends.
     """
     _ensure("ensure-docker.sh")
     client = docker.from_env()
-    _remove_test_containers(client)  # left over from a run that was killed
+    _remove_test_containers(client, ours=False)  # left over from a run that was killed
     yield client
-    _remove_test_containers(client)
+    _remove_test_containers(client, ours=True)
     client.close()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from conftest import TEST_SESSION
 from sshhosts import SSHTestHost, known_hosts_line, make_hosts
 
 LINK_DOWN_CONNECT_TIMEOUT_S = 1.5
@@ -48,7 +49,7 @@ def test_python_image_runs_python3_in_a_container(docker_engine):
     container = docker_engine.containers.run(
         "runner-python:bookworm",
         ["python3", "-c", "print(1+1)"],
-        labels={"runner.test": "1"},
+        labels={"runner.test": TEST_SESSION},
         detach=True,
     )
     try:

@@ -22,7 +22,7 @@ from runner.resolved import ResolvedRun
 RUN_MOUNT = "/workspace/run"
 INPUTS_MOUNT = "/inputs"
 IMAGE_UID = 1000  # the image's non-root user (see Dockerfile)
-TEST_LABEL_ENV = "RUNNER_TEST_LABEL"  # set by the test suite: containers get runner.test=1 for cleanup
+TEST_LABEL_ENV = "RUNNER_TEST_LABEL"  # set by the test suite to its session id: containers get runner.test=<id>
 OFFSET_FILE = "logs/.train.log.offset"  # bytes of the container's output already copied
 
 
@@ -95,7 +95,7 @@ class DockerBackend:
         volumes[str(spec.run_dir.resolve())] = {"bind": RUN_MOUNT, "mode": "rw"}
         labels = {"runner.run_id": spec.run_id, "runner.attempt": str(spec.attempt)}
         if os.environ.get(TEST_LABEL_ENV):
-            labels["runner.test"] = "1"
+            labels["runner.test"] = os.environ[TEST_LABEL_ENV]
         device_requests = []
         if spec.profile.device == "cuda":
             device_requests.append(docker.types.DeviceRequest(count=spec.gpus, capabilities=[["gpu"]]))
