@@ -40,11 +40,18 @@ class ResolvedRun(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["fp32", "fp16", "bf16", "fp8"] = "fp32"
     compile: bool = False
-    gpus: int = Field(default=1, ge=1)
+    gpus: int = Field(default=1, ge=1)  # processes per node (one per GPU)
+    nodes: int = Field(default=1, ge=1)
+    parallelism: Literal["ddp", "fsdp"] = "ddp"  # how processes share the model when world_size > 1
     stages: list[StagePlan] = Field(min_length=1)  # run in order
     token_budget: int | None = None  # tokens the stages add up to (None for an epoch budget)
     epochs: float | None = None
     max_seconds: float | None = None  # wall-clock cap; the trainer checkpoints and stops at it
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: GPUs per node x nodes."""
+        return self.gpus * self.nodes
 
     @property
     def total_steps(self) -> int | None:

@@ -173,7 +173,13 @@ class TrainSpec(Strict):
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower)."""
     gpus: PositiveInt = 1
-    """GPUs on the host to train on (data parallel)."""
+    """GPUs per host to train on, one process each (started by torchrun)."""
+    nodes: PositiveInt = 1
+    """Hosts to spread the job over: the first `nodes` of `hosts`, each with `gpus` GPUs (the rendezvous on the first)."""
+    parallelism: Literal["auto", "ddp", "fsdp"] = "auto"
+    """With several GPUs: ddp (a full copy per GPU), fsdp (weights, gradients and optimizer states sharded), or auto: DDP when it fits one card with 10% to spare, else FSDP."""
+    distributed_on_cpu: bool = False
+    """Allow gpus > 1 on a CPU host: that many gloo processes, to test the distributed path (no speed-up)."""
     log_every_steps: PositiveInt = 10
     """How often to log training metrics."""
 
@@ -268,7 +274,7 @@ class EvalSpec(Strict):
     every_steps: PositiveInt = 200
     """Evaluate every this many steps."""
     max_batches: PositiveInt = 20
-    """Validation batches per evaluation."""
+    """Validation batches per evaluation and process (several processes split the work)."""
 
 
 class EarlyStopSpec(Strict):
@@ -326,6 +332,9 @@ class Experiment(Strict):
             raise ValueError("a curriculum splits a token budget; set budget.tokens")
         if self.phases and self.budget.tokens is None:
             raise ValueError("phases split a token budget; set budget.tokens")
+        if self.train.nodes > 1 and len(self.hosts) < self.train.nodes:
+            raise ValueError(f"train.nodes: {self.train.nodes} runs on the first {self.train.nodes} hosts of hosts:, "
+                             f"which lists {len(self.hosts)}; name them (the first one hosts the rendezvous)")
         return self
 
     @property

@@ -17,6 +17,7 @@ import docker.types
 
 from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status, redact, secret_values
 from runner.errors import EXIT_FAILED, UserError
+from runner.launch import launch_env, trainer_argv
 from runner.resolved import ResolvedRun
 
 RUN_MOUNT = "/workspace/run"
@@ -103,10 +104,12 @@ class DockerBackend:
         if os.getuid() != 0:
             options["user"] = f"{os.getuid()}:{os.getgid()}"
         try:
+            # python -m runner.trainer, or torchrun with one process per GPU
+            argv = trainer_argv("python", f"{RUN_MOUNT}/resolved.json", RUN_MOUNT, gpus=spec.resolved.gpus)
             container = self.client.containers.run(
-                spec.image, [f"{RUN_MOUNT}/resolved.json", "--out", RUN_MOUNT],
+                spec.image, argv[1:], entrypoint=argv[:1], environment={**spec.env, **launch_env(DEFAULT_GRACE_S)},
                 name=f"runner-{spec.run_id}-{spec.attempt}", detach=True, init=True, labels=labels,
-                environment=spec.env, volumes=volumes, device_requests=device_requests or None,
+                volumes=volumes, device_requests=device_requests or None,
                 shm_size="2g", working_dir=RUN_MOUNT, **options)
         except docker.errors.DockerException as exc:
             raise UserError(f"the container did not start: {exc}", exit_code=EXIT_FAILED) from None

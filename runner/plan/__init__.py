@@ -8,6 +8,7 @@ executes. Nothing here imports torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from runner.errors import EXIT_REFUSED, UserError
@@ -18,7 +19,7 @@ from runner.plan.fixes import Fix, Variant, budget_fixes, memory_fixes
 from runner.plan.memory import LoraShape, MemoryBreakdown, estimate_memory, lora_targets
 from runner.presets import ModelShape
 from runner.resolved import ResolvedRun, StagePlan
-from runner.spec import Job, resolve_shape
+from runner.spec import Experiment, Job, resolve_shape
 from runner.units import format_bytes, format_duration
 
 __all__ = ["Plan", "Fix", "MemoryBreakdown", "Measured", "ThroughputSource", "plan_job", "plan_hosts", "resolve"]
@@ -62,6 +63,9 @@ class Plan:
     throughput_source: str  # "catalog default: 40% of peak", or a calibration's description
     hardware_source: str
     overrides: tuple[str, ...]  # the --set overrides this plan was made with
+    nodes: int = 1  # hosts, each running `gpus` processes
+    parallelism: str = "single"  # single | ddp | fsdp
+    parallelism_reason: str = ""  # why DDP or FSDP was picked (empty for one process)
 
 
 def plan_job(job: Job, host: Host | str = "local", *, inventory: Inventory | None = None,
@@ -108,7 +112,8 @@ def resolve(job: Job, host: Host | str = "local", plan: Plan | None = None, *,
     return ResolvedRun(
         experiment=spec, job_dir=str(job.base_dir), host=plan.host, profile=plan.profile or "cpu",
         device=plan.device, precision=plan.precision, compile=plan.compile,  # type: ignore[arg-type]
-        gpus=plan.gpus, stages=list(plan.stages),
+        gpus=plan.gpus, nodes=plan.nodes, parallelism="fsdp" if plan.parallelism == "fsdp" else "ddp",
+        stages=list(plan.stages),
         token_budget=plan.tokens if spec.budget.tokens is not None else None,
         epochs=spec.budget.epochs if spec.budget.tokens is None else None,
         max_seconds=spec.budget.max_hours * 3600 if spec.budget.max_hours else None,
@@ -150,18 +155,33 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
     lora = LoraShape(spec.lora.rank, lora_targets(shape, spec.lora.target_modules)) if spec.lora else None
     pretrained = spec.model.pretrained
 
-    def trial(seq_len: int, variant: Variant) -> MemoryBreakdown:
+    world = train.gpus * train.nodes
+    parallelism = "single"  # set below to DDP or FSDP for several processes
+
+    def trial(seq_len: int, variant: Variant, layout: str | None = None) -> MemoryBreakdown:
+        """One GPU's memory for this stage and variant, under ``layout`` (default: the picked parallelism)."""
         lora_shape = lora or (LoraShape(16, lora_targets(shape, "auto")) if variant.lora else None)
+        layout = layout or parallelism
         return estimate_memory(
             shape, seq_len=seq_len, micro_batch=variant.micro_batch, precision=precision, device=prof.device,
             capacity_bytes=hw.capacity_bytes, memory_bytes=hw.memory_bytes, usable_share=prof.usable_share,
             runtime_bytes=prof.runtime_bytes, optimizer=variant.optimizer,
             gradient_checkpointing=variant.gradient_checkpointing, grad_accum=variant.grad_accum,
-            lora=lora_shape, quantization=variant.quantization)
+            lora=lora_shape, quantization=variant.quantization,
+            shards=world if layout == "fsdp" and lora_shape is None else 1, gradient_buckets=layout == "ddp")
 
     def variant(micro_batch: int, grad_accum: int) -> Variant:
         return Variant(micro_batch, grad_accum, train.gradient_checkpointing, train.optimizer,
                        spec.lora is not None, spec.quantization)
+
+    if spec.curriculum:
+        probe = max(spec.curriculum, key=lambda s: s.seq_len * s.batch_size)
+        probe_seq, probe_variant = probe.seq_len, variant(probe.batch_size, probe.grad_accum)
+    else:
+        probe_seq = spec.data.seq_len or spec.seq_len
+        probe_variant = variant(1 if train.batch_size == "auto" else train.batch_size, train.grad_accum)
+    parallelism, parallelism_reason = _parallelism(spec, world, lambda layout: trial(probe_seq, probe_variant, layout))
+    reasons.extend(_distributed_refusals(spec, prof.device, precision, world, parallelism))
 
     # The shape of each stage: the curriculum's, or one stage from data.seq_len and train.
     shapes: list[tuple[int, int, int, str]] = []  # seq_len, micro_batch, grad_accum, where batch lives
@@ -171,7 +191,7 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         seq_len = spec.data.seq_len or spec.seq_len
         if train.batch_size == "auto":
             micro, accum = _auto_batch(lambda mb, acc: trial(seq_len, variant(mb, acc)), hw, seq_len,
-                                       train.grad_accum, train.tokens_per_step, train.gpus)
+                                       train.grad_accum, train.tokens_per_step, world)
         else:
             micro, accum = train.batch_size, train.grad_accum
         shapes = [(seq_len, micro, accum, "train")]
@@ -191,19 +211,19 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         warnings.append(f"only {format_bytes(memory.margin_bytes)} to spare; the estimate is good to about 10%")
 
     gpus = train.gpus
-    if gpus > hw.gpus:
+    if gpus > hw.gpus and prof.device == "cuda":
         reasons.append(f"asks for {train.gpus} GPUs but {hw.host} has {hw.gpus}")
     stage_plans = [StagePlan(seq_len=s, micro_batch=mb, grad_accum=acc) for s, mb, acc, _ in shapes]
-    budget: Budget = plan_budget(job, stage_plans, gpus)
+    budget: Budget = plan_budget(job, stage_plans, world)
     warnings.extend(budget.warnings)
 
     measured = throughput.measured(hw.host, prof.id, shape, spec.seq_len, precision) if throughput else None
     # Epoch runs have one stage and no fixed step count: use the budget's estimate.
-    stage_tokens = [(s.seq_len, (budget.steps if s.steps is None else s.steps) * s.tokens_per_step(gpus))
+    stage_tokens = [(s.seq_len, (budget.steps if s.steps is None else s.steps) * s.tokens_per_step(world))
                     for s in budget.stages]
     cost = estimate_cost(
         shape, stage_tokens, peak_flops=prof.peak_flops(precision), efficiency=prof.efficiency[precision],
-        gpus=gpus, price_usd_per_hour=hw.price_usd_per_hour, lora=spec.lora is not None,
+        gpus=world, price_usd_per_hour=hw.price_usd_per_hour * train.nodes, lora=spec.lora is not None,
         gradient_checkpointing=train.gradient_checkpointing, max_cost_usd=spec.budget.max_cost_usd,
         max_hours=spec.budget.max_hours, measured=measured)
     caps = []
@@ -216,7 +236,7 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
     if caps:
         which = "money and time caps" if len(caps) == 2 else "cost cap" if cost.over_cost else "time cap"
         fixes.extend(budget_fixes(scale=min(caps), tokens=spec.budget.tokens, epochs=spec.budget.epochs,
-                                  step_tokens=max(s.tokens_per_step(gpus) for s in budget.stages), reason=which))
+                                  step_tokens=max(s.tokens_per_step(world) for s in budget.stages), reason=which))
 
     first = budget.stages[0]
     return Plan(
@@ -226,9 +246,48 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         stages=budget.stages, steps=budget.steps, tokens=budget.tokens, budget_tokens=budget.budget_tokens,
         budget_used_share=budget.used_share, coverage=budget.coverage, phases=budget.phases,
         params=shape.param_count(), model_flops=cost.model_flops, tokens_per_s=cost.tokens_per_s,
-        seconds=cost.seconds, cost_usd=cost.cost_usd, price_usd_per_hour=hw.price_usd_per_hour,
+        seconds=cost.seconds, cost_usd=cost.cost_usd, price_usd_per_hour=hw.price_usd_per_hour * train.nodes,
         throughput_source=cost.source, hardware_source=hw.source, overrides=_overrides(job),
+        nodes=train.nodes, parallelism=parallelism, parallelism_reason=parallelism_reason,
     )
+
+
+def _distributed_refusals(spec: Experiment, device: str, precision: str, world: int, parallelism: str) -> list[str]:
+    """Why this job cannot run as ``world`` processes on this kind of device (empty: it can)."""
+    train = spec.train
+    if world == 1:
+        return []
+    if device == "mps":
+        return [f"asks for {world} processes, but an Apple (MPS) host trains in one: a Mac has one GPU and "
+                "torch.distributed has no MPS backend; set train.gpus: 1 and train.nodes: 1"]
+    if device == "cpu" and not train.distributed_on_cpu:
+        return [f"asks for {world} GPUs, but a CPU host has none; set train.gpus: 1 and train.nodes: 1, or "
+                "train.distributed_on_cpu: true to test the distributed path with gloo processes (no speed-up)"]
+    if parallelism == "fsdp":
+        if spec.lora is not None or spec.quantization != "none":
+            return ["parallelism fsdp is for full training; LoRA and quantized bases train under ddp"]
+        if precision in ("fp16", "fp8"):
+            return [f"FSDP trains in bf16 or fp32, not {precision} (the loss scaler and float8 are single-GPU "
+                    "or DDP here); set train.precision: bf16 or fp32, or parallelism: ddp"]
+    return []
+
+
+def _parallelism(spec: Experiment, world: int, memory: Callable[[str], MemoryBreakdown]) -> tuple[str, str]:
+    """DDP or FSDP for a run of ``world`` processes, and why; ``memory(layout)`` estimates one GPU."""
+    train = spec.train
+    if world == 1:
+        return "single", ""
+    if train.parallelism != "auto":
+        return train.parallelism, f"{train.parallelism.upper()}: set by train.parallelism"
+    if spec.lora is not None or spec.quantization != "none":
+        return "ddp", "DDP: LoRA trains few parameters, so a full copy per GPU costs little"
+    ddp = memory("ddp")
+    need, usable = format_bytes(ddp.peak_bytes), format_bytes(ddp.capacity_bytes)
+    if ddp.margin_bytes >= AUTO_MARGIN * ddp.capacity_bytes:
+        return "ddp", f"DDP: a full copy of the model and its states fits one GPU ({need} of {usable} usable)"
+    fsdp = memory("fsdp")
+    return "fsdp", (f"FSDP: a full copy per GPU (DDP) needs {need} of {usable} usable; sharding weights, gradients "
+                    f"and optimizer states over {world} GPUs needs {format_bytes(fsdp.peak_bytes)}")
 
 
 def _auto_batch(trial, hw: Hardware, seq_len: int, grad_accum: int, tokens_per_step: int | None,

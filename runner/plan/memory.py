@@ -11,6 +11,15 @@ Conventions (the trainer's, and so this model's):
 - AdamW is fused on CUDA (no temporaries) and foreach elsewhere;
 - attention is SDPA/flash: activations grow with seq, never seq^2.
 
+Several GPUs: under DDP every GPU holds all of the above; gradients are views into
+DDP's buckets (``gradient_as_bucket_view``), which are allocated once and never
+freed, so they are resident through backward as with accumulation. Under FSDP (``shards`` > 1) weights, gradients, optimizer states and the
+step's temporary are divided by the number of GPUs; each GPU also holds the
+unsharded parameters FSDP gathers in the compute dtype (the root module's, plus
+two blocks: the one running and the one prefetched) and one block's unsharded
+fp32 gradients before they are reduce-scattered. FSDP casts the gathered
+parameters to the compute dtype itself, so autocast makes no copies.
+
 Activation bytes per token and layer count what autograd saves in eager mode
 for the Hugging Face GPT-2 and LLaMA blocks (see ``_ACTIVATION``); torch.compile
 usually saves less, so the estimate errs on the safe side there.
@@ -115,6 +124,8 @@ class MemoryBreakdown:
     gradient_checkpointing: bool
     device: Device
     grad_accum: int
+    shards: int = 1  # GPUs that FSDP shards weights, gradients and optimizer states over (1: not sharded)
+    gradient_buckets: bool = False  # DDP: gradients live in buckets that stay allocated between steps
 
     @property
     def backward_peak_bytes(self) -> int:
@@ -126,7 +137,7 @@ class MemoryBreakdown:
         """
         resident = self.weights_bytes + self.lora_bytes + self.optimizer_bytes + self.master_weights_bytes
         saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
-        if self.grad_accum > 1:
+        if self.grad_accum > 1 or self.gradient_buckets:
             return resident + saved + self.gradients_bytes
         return resident + max(saved, self.gradients_bytes)
 
@@ -158,12 +169,17 @@ class MemoryBreakdown:
         """(term, bytes, note) for display, in the order memory is taken."""
         ckpt = "with" if self.gradient_checkpointing else "without"
         base = f"{self.base_weight_bytes_per_param:g} B/param"
+        sharded = f" / {self.shards} GPUs (FSDP)" if self.shards > 1 else ""
+        copies = ("unsharded root + 2 blocks, gathered in the compute dtype" if self.shards > 1
+                  else "2 B per matmul weight, held until backward")
+        grads_note = (" + one unsharded block" if self.shards > 1
+                      else "; DDP buckets, resident" if self.gradient_buckets else "")
         return [
-            ("weights", self.weights_bytes, f"{self.params:,} params x {base}"),
-            ("autocast weight copies", self.weight_copies_bytes, "2 B per matmul weight, held until backward"),
+            ("weights", self.weights_bytes, f"{self.params:,} params x {base}{sharded}"),
+            ("autocast weight copies" if self.shards == 1 else "gathered parameters", self.weight_copies_bytes, copies),
             ("LoRA adapters", self.lora_bytes, "fp32"),
-            ("gradients", self.gradients_bytes, f"{self.trainable_params:,} trainable params x 4 B"),
-            ("optimizer states", self.optimizer_bytes, "per trainable param"),
+            ("gradients", self.gradients_bytes, f"{self.trainable_params:,} trainable params x 4 B{sharded}{grads_note}"),
+            ("optimizer states", self.optimizer_bytes, f"per trainable param{sharded}"),
             ("fp32 master weights", self.master_weights_bytes, "none: parameters are fp32 already"),
             ("activations", self.activations_bytes,
              f"{ckpt} checkpointing; {self.activations_per_layer_bytes / 2**20:,.0f} MiB per layer unchecked"),
@@ -190,8 +206,16 @@ def estimate_memory(
     grad_accum: int = 1,
     lora: LoraShape | None = None,
     quantization: str = "none",
+    shards: int = 1,
+    gradient_buckets: bool = False,
 ) -> MemoryBreakdown:
-    """The memory one device needs to train ``shape`` at this micro-batch and sequence length."""
+    """The memory one device needs to train ``shape`` at this micro-batch and sequence length.
+
+    ``shards`` > 1: full training under FSDP over that many GPUs (not with LoRA);
+    ``gradient_buckets``: one of several DDP processes.
+    """
+    if shards > 1 and lora is not None:
+        raise ValueError("FSDP is planned for full training only")
     params = shape.param_count()
     autocast = precision in ("bf16", "fp16", "fp8")
     head = shape.vocab_size * (shape.embedding_dim or shape.hidden)
@@ -219,6 +243,15 @@ def estimate_memory(
     optimizer_states = _OPTIMIZER_STATE_BYTES[optimizer] * trainable
     step_temp = _FOREACH_STEP_TEMP_BYTES[optimizer] * trainable if device != "cuda" else 0
 
+    if shards > 1:
+        block = shape.non_embedding_params() // shape.layers
+        root = params - shape.layers * block
+        weights = -(-4 * params // shards)
+        copies = (2 if autocast else 4) * (root + 2 * block)
+        gradients = -(-4 * trainable // shards) + 4 * block
+        optimizer_states = -(-optimizer_states // shards)
+        step_temp = -(-step_temp // shards)
+
     tokens = micro_batch * seq_len
     per_layer = int(tokens * activation_bytes_per_token_layer(shape, autocast))
     residual_bytes = 4 if (lora is None or not autocast or device == "cpu") else 2
@@ -237,7 +270,7 @@ def estimate_memory(
         logits_bytes=logits, lora_bytes=adapters, runtime_bytes=runtime_bytes, headroom_bytes=0,
         capacity_bytes=capacity_bytes, memory_bytes=memory_bytes, usable_share=usable_share,
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
-        grad_accum=grad_accum,
+        grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
     )
     headroom = int(partial.allocated_bytes * ALLOCATOR_HEADROOM) if device != "cpu" else 0
     return replace(partial, headroom_bytes=headroom)

@@ -153,3 +153,19 @@ def _b64(tensor: torch.Tensor) -> str:
 
 def _unb64(text: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype=np.uint8).copy())
+
+
+def optimizer_by_name(state: dict, names: list[str]) -> dict:
+    """A torch optimizer state dict (parameters by position) keyed by parameter name, as FSDP saves it.
+
+    ``names[i]`` is the name of the optimizer's i-th parameter, counted over its groups in order.
+    """
+    return {"state": {names[int(i)]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def optimizer_by_index(state: dict, names: list[str]) -> dict:
+    """The inverse of ``optimizer_by_name``: what ``Optimizer.load_state_dict`` reads."""
+    index = {name: i for i, name in enumerate(names)}
+    return {"state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}

@@ -230,16 +230,21 @@ class RowStream:
             self._block = (block, rng.choice(len(self.sources), size=_BLOCK, p=self.probs))
         return int(self._block[1][index])
 
-    def next_batch(self, rows: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets), each ``rows x seq_len`` int64; targets are inputs shifted by one."""
+    def next_batch(self, rows: int, seq_len: int, rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets), each ``rows x seq_len`` int64; targets are inputs shifted by one.
+
+        With ``world`` processes, the stream advances by ``rows x world`` rows and
+        this rank keeps rows ``rank, rank + world, ...`` of them: together the ranks
+        read what one process reading ``rows x world`` rows would, and the position
+        (a global row count) does not depend on the number of processes.
+        """
         window = np.empty((rows, seq_len + 1), dtype=np.int64)
-        for r in range(rows):
+        for i in range(rows * world):
             source = self.source_of(self.rows)
             self.rows += 1
-            if self.packing:
-                window[r] = self._packed(source, seq_len)
-            else:
-                window[r] = self._padded(source, seq_len)
+            row = self._packed(source, seq_len) if self.packing else self._padded(source, seq_len)
+            if i % world == rank:
+                window[i // world] = row
         inputs = window[:, :-1]
         targets = window[:, 1:].copy()
         if not self.packing:

@@ -2,6 +2,8 @@
 
 ``train(resolved, run_dir)`` does exactly what the resolved run says and always
 ends with ``RUN_DIR/summary.json``; it never raises (an error is an exit reason).
+Under torchrun every process runs this same loop on its share of the data
+(``distributed.py``); rank 0 alone prints and writes the run directory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from runner.errors import UserError
 from runner.resolved import ResolvedRun
 from runner.spec import DataSpec
-from runner.trainer import checkpoint
+from runner.trainer import checkpoint, distributed
 from runner.trainer.data import Corpus, RowStream, eval_batches, mixture_weights, tokenize_sources
 from runner.trainer.engine import Engine, make_optimizer, set_fast_math
 from runner.trainer.metrics import MetricsLog, Summary, measure_memory, peak_flops, peak_memory_bytes, progress_line
@@ -55,10 +57,12 @@ class Segment:
     micro_batch: int
     grad_accum: int
     phase: int
+    processes: int = 1
 
     @property
     def tokens_per_step(self) -> int:
-        return self.seq_len * self.micro_batch * self.grad_accum
+        """Tokens of one optimizer step over all processes."""
+        return self.seq_len * self.micro_batch * self.grad_accum * self.processes
 
 
 def train(resolved: ResolvedRun, run_dir: Path) -> Summary:
@@ -74,7 +78,9 @@ def train(resolved: ResolvedRun, run_dir: Path) -> Summary:
         traceback.print_exc()
         summary.exit_reason, summary.error = "error", f"{type(exc).__name__}: {exc}"
     summary.wall_s = round(time.monotonic() - run.started, 3)
-    summary.write(run_dir)
+    if run.world.is_main:
+        summary.write(run_dir)
+    distributed.leave(run.world)
     return summary
 
 
@@ -97,7 +103,7 @@ def plan_segments(resolved: ResolvedRun, stage_steps: list[int], phase_shares: l
     tokens_after = [0]
     for stage, steps in zip(resolved.stages, stage_steps):
         for _ in range(steps):
-            tokens_after.append(tokens_after[-1] + stage.tokens_per_step(resolved.gpus))
+            tokens_after.append(tokens_after[-1] + stage.tokens_per_step(resolved.world_size))
     phase_bounds, start, cumulative = [], 0, 0.0
     for i, share in enumerate(phase_shares):
         cumulative += share
@@ -116,7 +122,7 @@ def plan_segments(resolved: ResolvedRun, stage_steps: list[int], phase_shares: l
         stage = next(i for i, e in enumerate(stage_ends) if a < e)
         phase = next(i for i, (s, e) in enumerate(phase_bounds) if s <= a < e)
         st = resolved.stages[stage]
-        segments.append(Segment(a, b, st.seq_len, st.micro_batch, st.grad_accum, phase))
+        segments.append(Segment(a, b, st.seq_len, st.micro_batch, st.grad_accum, phase, resolved.world_size))
     return segments, phase_bounds
 
 
@@ -139,22 +145,23 @@ class Run:
         self.started = time.monotonic()
         self.exp = resolved.experiment
         self.train_spec = self.exp.train
+        self.world = distributed.World()
 
     def execute(self) -> None:
         self._setup()
-        self._resume()
         self._loop()
 
     # -- setup ---------------------------------------------------------------------------------
 
     def _setup(self) -> None:
         resolved, exp, spec = self.resolved, self.exp, self.train_spec
-        if resolved.gpus > 1:
-            raise UserError(f"the plan uses {resolved.gpus} GPUs, but this trainer runs one GPU per process",
-                            field="train.gpus", hint="set train.gpus: 1")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stop = StopFlag()
-        self.device = pick_device(resolved.device)
+        self.world, self.device = distributed.join(resolved.world_size, resolved.parallelism,
+                                                   pick_device(resolved.device))
+        if not self.world.is_main:
+            sys.stdout = open(os.devnull, "w")  # only rank 0 reports
+        fsdp = self.world.parallelism == "fsdp" and self.world.size > 1
         self.precision = resolved.precision if self.device.type in ("cuda", "mps") else "fp32"
         if self.device.type == "mps" and self.precision == "fp8":
             self.precision = "fp32"
@@ -167,9 +174,35 @@ class Run:
         job_dir = Path(resolved.job_dir)
         cache_dir = Path(os.environ.get(CACHE_ENV) or self.run_dir / "cache")
 
-        built = build_model(exp, job_dir, self.device, self.precision)
+        # FSDP builds on the CPU and moves only each rank's shard to the GPU.
+        built = build_model(exp, job_dir, torch.device("cpu") if fsdp else self.device, self.precision)
         self.model, self.shape, self.lora = built.model, built.shape, built.lora
         vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        with distributed.local_main_first(self.world):  # one process per node tokenizes into the cache
+            self._setup_data(job_dir, cache_dir, vocab_size)
+        distributed.same_everywhere(self.world, fingerprint(self.tokenizer), "the tokenizer")
+
+        found, state = self._find_checkpoint()
+        if found is not None and (self.world.is_main or self.world.size == 1):
+            self._load_weights(found)  # the other ranks get rank 0's weights when the model is wrapped
+        self.train_model = distributed.wrap(self.model, self.world, self.device, self.precision)
+        optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], spec.optimizer,
+                                   spec.lr, spec.weight_decay, self.device)
+        self.engine = Engine(self.train_model, optimizer, device=self.device, precision=self.precision,
+                             grad_clip=spec.grad_clip, compile=resolved.compile)
+        self.peak_flops = peak_flops(self.device, self.precision)
+        self.step, self.tokens, self.phase_index = 0, 0, 0
+        self.best_eval: float | None = None
+        self.plateau_loss: float | None = None
+        self.plateau_step = 0
+        self.summary.planned_steps, self.summary.planned_tokens = self.total_steps, self.planned_tokens
+        if self.world.is_main:
+            (self.run_dir / "resolved.json").write_text(resolved.model_dump_json(indent=2) + "\n")
+        if found is not None:
+            self._resume(found, state)
+
+    def _setup_data(self, job_dir: Path, cache_dir: Path, vocab_size: int) -> None:
+        resolved, exp, spec = self.resolved, self.exp, self.train_spec
 
         phases = exp.phases or []
         datas = [p.data or exp.data for p in phases] or [exp.data]
@@ -194,9 +227,10 @@ class Run:
             sources = tokenize_sources(corpus, d, self.tokenizer, tok_id)
             probs = mixture_weights(d.mixture, [len(s.train) for s in sources], [s.weight for s in d.sources])
             self.streams.append(RowStream(sources, probs, spec.seed, d.packing, pad_id))
-            batches = eval_batches(sources, eval_stage.seq_len, eval_stage.micro_batch, exp.eval.max_batches,
-                                   d.packing, pad_id) if d.validation > 0 else []
-            self.evals.append([(self._device(x), self._device(y)) for x, y in batches])
+            # eval.max_batches per process: the ranks split the batches and average their losses
+            batches = eval_batches(sources, eval_stage.seq_len, eval_stage.micro_batch,
+                                   exp.eval.max_batches * self.world.size, d.packing, pad_id) if d.validation > 0 else []
+            self.evals.append([(self._device(x), self._device(y)) for x, y in distributed.share(self.world, batches)])
         if exp.early_stopping and not self.evals[0]:
             raise UserError("early stopping needs validation data", field="data.validation",
                             hint="set data.validation above 0")
@@ -213,18 +247,6 @@ class Run:
             raise UserError(f"the stages add up to {self.planned_tokens} tokens, over the budget of "
                             f"{resolved.token_budget}", field="budget.tokens")
 
-        optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], spec.optimizer,
-                                   spec.lr, spec.weight_decay, self.device)
-        self.engine = Engine(self.model, optimizer, device=self.device, precision=self.precision,
-                             grad_clip=spec.grad_clip, compile=resolved.compile)
-        self.peak_flops = peak_flops(self.device, self.precision)
-        self.step, self.tokens, self.phase_index = 0, 0, 0
-        self.best_eval: float | None = None
-        self.plateau_loss: float | None = None
-        self.plateau_step = 0
-        self.summary.planned_steps, self.summary.planned_tokens = self.total_steps, self.planned_tokens
-        (self.run_dir / "resolved.json").write_text(resolved.model_dump_json(indent=2) + "\n")
-
     def _stage_steps(self, stage) -> int:
         if stage.steps is not None:
             return stage.steps
@@ -235,7 +257,7 @@ class Run:
             raise UserError("the plan gives no steps and no epoch budget", field="budget")
         epochs = self.resolved.epochs or budget.epochs
         rows = self.streams[0].rows_per_epoch(stage.seq_len)
-        per_step = stage.micro_batch * stage.grad_accum * self.resolved.gpus
+        per_step = stage.micro_batch * stage.grad_accum * self.resolved.world_size
         return max(1, math.ceil(epochs * rows / per_step))
 
     def _device(self, array: np.ndarray) -> torch.Tensor:
@@ -246,22 +268,39 @@ class Run:
 
     # -- resume --------------------------------------------------------------------------------
 
-    def _resume(self) -> None:
-        found = checkpoint.latest_intact(self.run_dir)
-        if found is None:
-            return
-        state = json.loads((found / checkpoint.STATE).read_text())
+    def _find_checkpoint(self) -> tuple[Path | None, dict]:
+        """The newest intact checkpoint and its state, as rank 0 sees them (the run directory is rank 0's)."""
+        found = checkpoint.latest_intact(self.run_dir) if self.world.is_main else None
+        state = json.loads((found / checkpoint.STATE).read_text()) if found is not None else {}
+        name, state = distributed.broadcast_object(self.world, (found.name if found else None, state))
+        if name is None:
+            return None, {}
+        return checkpoint.checkpoint_dir(self.run_dir) / name, state
+
+    def _load_weights(self, found: Path) -> None:
+        device = str(next(self.model.parameters()).device)
         if self.lora:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(self.model, load_file(found / "model.safetensors", device=str(self.device)))
+            set_peft_model_state_dict(self.model, load_file(found / "model.safetensors", device=device))
         else:
             from safetensors.torch import load_model
 
-            load_model(self.model, found / "model.safetensors", device=str(self.device))
-        self.engine.optimizer.load_state_dict(torch.load(found / "optimizer.pt", map_location=self.device,
-                                                         weights_only=True))
+            load_model(self.model, found / "model.safetensors", device=device)
+
+    def _resume(self, found: Path, state: dict) -> None:
+        optimizer, world = self.engine.optimizer, self.world
+        saved = torch.load(found / "optimizer.pt", map_location="cpu", weights_only=True) if world.is_main else None
+        # A checkpoint of any layout resumes under any other: FSDP keys states by name, the others by position.
+        layout, names = state.get("optimizer_layout", "by_index"), self._optimizer_names()
+        if world.parallelism == "fsdp" and world.size > 1:
+            if saved is not None and layout == "by_index":
+                saved = checkpoint.optimizer_by_name(saved, names)
+            distributed.load_full_optimizer_state(self.model, optimizer, saved)
+        else:
+            saved = distributed.broadcast_object(world, saved)
+            optimizer.load_state_dict(checkpoint.optimizer_by_index(saved, names) if layout == "by_name" else saved)
         if self.engine.scaler and state.get("scaler"):
             self.engine.scaler.load_state_dict(state["scaler"])
         for stream, position in zip(self.streams, state["streams"]):
@@ -272,13 +311,21 @@ class Run:
                                                                 state["plateau_step"])
         self.summary.resumed_from_step = self.step
         self.summary.checkpoint = found.relative_to(self.run_dir).as_posix()
-        print(f"resuming from {found.name} ({self.tokens} tokens seen)", flush=True)
+        written_by = state.get("processes", 1)
+        print(f"resuming from {found.name} ({self.tokens} tokens seen"
+              + (f", written by {written_by} processes)" if written_by != world.size else ")"), flush=True)
+
+    def _optimizer_names(self) -> list[str]:
+        """The name of each parameter the optimizer steps, in its order."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for group in self.engine.optimizer.param_groups for p in group["params"]]
 
     # -- the loop ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         exp, spec, summary = self.exp, self.train_spec, self.summary
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        # Ranks other than 0 run the same code and write their metrics nowhere.
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.world.is_main else Path(os.devnull))
         self.metrics = metrics
         self.last_eval_step: int | None = None
         eval_loss = None
@@ -289,7 +336,9 @@ class Run:
         window_tokens, window_losses = 0, []
         last_loss: float | None = None
         reason = "budget_reached"
-        print(f"training {self.total_steps} steps, {self.planned_tokens} tokens on {self.device.type} "
+        processes = (f" x {self.world.size} processes ({self.world.parallelism.upper()})"
+                     if self.world.size > 1 else "")
+        print(f"training {self.total_steps} steps, {self.planned_tokens} tokens on {self.device.type}{processes} "
               f"({self.precision})", flush=True)
         while self.step < self.total_steps:
             segment = next(s for s in self.segments if s.start <= self.step < s.end)
@@ -307,7 +356,8 @@ class Run:
 
             if self.step % spec.log_every_steps == 0 or self.step == self.total_steps:
                 t_sync = time.monotonic()
-                last_loss = torch.stack(window_losses).mean().item()  # the one host sync per interval
+                # the one host sync per interval; the mean over ranks is the loss of the global batch
+                last_loss = distributed.mean(self.world, torch.stack(window_losses).mean()).item()
                 window_s += time.monotonic() - t_sync
                 tokens_per_s = window_tokens / window_s if window_s > 0 else 0.0
                 mfu = self._mfu(segment.seq_len, tokens_per_s)
@@ -325,12 +375,18 @@ class Run:
 
             if self.step % exp.eval.every_steps == 0:
                 eval_loss = self._evaluate()
-                if self._plateaued():
-                    reason = "early_stop"
-            if self.stop.set:
+            out_of_time = (self.world.is_main and self.resolved.max_seconds is not None
+                           and time.monotonic() - self.started >= self.resolved.max_seconds)
+            # Every rank stops after the same step: a signal to any of them, rank 0's clock.
+            signalled, out_of_time, plateaued = distributed.any_rank(
+                self.world, [self.stop.set, out_of_time, self.last_eval_step == self.step and self._plateaued()])
+            if plateaued:
+                reason = "early_stop"
+            if signalled:
                 reason = "cancelled"
-                print(f"{self.stop.signal_name}: stopping after step {self.step}", flush=True)
-            elif self.resolved.max_seconds is not None and time.monotonic() - self.started >= self.resolved.max_seconds:
+                print(f"{self.stop.signal_name or 'a signal to another rank'}: stopping after step {self.step}",
+                      flush=True)
+            elif out_of_time:
                 reason = "max_time"
             if reason != "budget_reached" or self.step % exp.checkpoint.every_steps == 0 or self.step == self.total_steps:
                 self._checkpoint()
@@ -338,7 +394,7 @@ class Run:
                 break
 
         if window_losses:
-            last_loss = torch.stack(window_losses).mean().item()
+            last_loss = distributed.mean(self.world, torch.stack(window_losses).mean()).item()
             train_s += window_s
         if self.last_eval_step != self.step and self.evals[self.phase_index]:
             eval_loss = self._evaluate()
@@ -348,7 +404,7 @@ class Run:
         summary.tokens_per_s = round(trained / train_s, 1) if train_s > 0 else None
         seq_len = max(s.seq_len for s in self.segments) if self.segments else 0
         summary.mfu = self._mfu(seq_len, summary.tokens_per_s or 0.0) if self.step > start_step else None
-        summary.peak_bytes = peak_memory_bytes(self.device)
+        summary.peak_bytes = distributed.largest(self.world, peak_memory_bytes(self.device))  # the fullest GPU
         summary.best_eval_loss, summary.final_eval_loss = self.best_eval, eval_loss
         summary.final_loss = None if last_loss is None else round(last_loss, 6)
         summary.memory = asdict(measure_memory(self.model, self.engine.optimizer, summary.peak_bytes))
@@ -357,17 +413,28 @@ class Run:
               + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else ""), flush=True)
 
     def _micro_batches(self, stream: RowStream, segment: Segment):
-        for _ in range(segment.grad_accum):
-            inputs, targets = stream.next_batch(segment.micro_batch, segment.seq_len)
-            yield self._device(inputs), self._device(targets)
+        """This rank's micro-batches of one step; gradients are synchronised in the last one's backward only.
+
+        The engine runs forward and backward on a micro-batch before it asks for
+        the next, so a yield inside ``no_gradient_sync`` covers that backward.
+        """
+        world = self.world
+        for i in range(segment.grad_accum):
+            inputs, targets = stream.next_batch(segment.micro_batch, segment.seq_len, world.rank, world.size)
+            batch = self._device(inputs), self._device(targets)
+            if i < segment.grad_accum - 1:
+                with distributed.no_gradient_sync(self.train_model, world):
+                    yield batch
+            else:
+                yield batch
 
     def _mfu(self, seq_len: int, tokens_per_s: float) -> float | None:
         if self.peak_flops is None or self.shape is None:
             return None
-        return self.shape.flops_per_token(seq_len) * tokens_per_s / (self.peak_flops * self.resolved.gpus)
+        return self.shape.flops_per_token(seq_len) * tokens_per_s / (self.peak_flops * self.world.size)
 
     def _evaluate(self) -> float | None:
-        loss = self.engine.evaluate(self.evals[self.phase_index])
+        loss = distributed.mean_of_floats(self.world, self.engine.evaluate(self.evals[self.phase_index]))
         self.last_eval_step = self.step
         if loss is None:
             return None
@@ -386,15 +453,25 @@ class Run:
         return bool(rule) and self.plateau_loss is not None and self.step - self.plateau_step >= rule.patience_steps
 
     def _checkpoint(self) -> None:
+        """Every rank calls this (FSDP gathers the full state); rank 0 writes the checkpoint."""
         from safetensors.torch import save_file, save_model
 
-        model = self.model
+        model, world = self.model, self.world
+        sharded = world.parallelism == "fsdp" and world.size > 1
+        if sharded:
+            full_model = distributed.full_model_state(model)
+            full_optimizer = distributed.full_optimizer_state(model, self.engine.optimizer)
+        if not world.is_main:
+            return
         if self.lora:
             from peft import get_peft_model_state_dict
 
             adapters = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
             write_model = lambda p: save_file(adapters, str(p))  # noqa: E731
             base_config = model.get_base_model().config
+        elif sharded:
+            write_model = lambda p: save_file(full_model, str(p))  # noqa: E731
+            base_config = model.config
         else:
             write_model = lambda p: save_model(model, str(p))  # noqa: E731
             base_config = model.config
@@ -404,11 +481,14 @@ class Run:
             "best_eval_loss": self.best_eval, "plateau_loss": self.plateau_loss, "plateau_step": self.plateau_step,
             "rng": checkpoint.rng_state(),
             "scaler": self.engine.scaler.state_dict() if self.engine.scaler else None,
+            "processes": world.size,
+            # FSDP's full optimizer state is keyed by parameter name; a plain one by position
+            "optimizer_layout": "by_name" if sharded else "by_index",
         }
         writers = {
             "model.safetensors": write_model,
             "config.json": lambda p: base_config.to_json_file(str(p)),
-            "optimizer.pt": lambda p: torch.save(self.engine.optimizer.state_dict(), p),
+            "optimizer.pt": lambda p: torch.save(full_optimizer if sharded else self.engine.optimizer.state_dict(), p),
             checkpoint.STATE: lambda p: p.write_text(json.dumps(state)),
         }
         if self.lora:

@@ -63,11 +63,16 @@ class MemoryBreakdown:
 
 
 def measure_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer, peak_bytes: int) -> MemoryBreakdown:
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
-                for v in s.values() if isinstance(v, torch.Tensor))
+    """This process's share: under FSDP parameters and states are DTensors and only the local shard counts."""
+    params = sum(_local_bytes(p) for p in model.parameters())
+    grads = sum(_local_bytes(p) for p in model.parameters() if p.requires_grad)
+    state = sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     return MemoryBreakdown(params, grads, state, peak_bytes, max(0, peak_bytes - params - grads - state))
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
 
 
 @dataclass
