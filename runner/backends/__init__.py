@@ -25,9 +25,10 @@ BackendName = Literal["docker", "native"]
 LOG_FILE = "logs/train.log"
 DEFAULT_GRACE_S = 120.0  # a checkpoint of a large model can take a minute or more
 
-# The only environment variables a trainer sees from the runner's environment.
+# The only environment variables a trainer sees from the runner's environment. OMP_NUM_THREADS caps
+# torch's CPU threads, which on a shared CPU host are far slower when they outnumber the free cores.
 PASSED_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-              "TRANSFORMERS_OFFLINE", "TZ")
+              "TRANSFORMERS_OFFLINE", "TZ", "OMP_NUM_THREADS")
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Hugging Face access tokens look like this; redacted even when their value is not known here.
 TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{20,}")
