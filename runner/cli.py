@@ -369,7 +369,11 @@ WAIT_ARGS = (
 
 
 def open_store(args: argparse.Namespace):
+    """The run store, with remote runs reached through the hosts of --hosts-file."""
+    from runner import dispatch
     from runner.store import Store
+
+    dispatch.use_hosts_file(args.hosts_file)
     return Store.open(args.store)
 
 
@@ -410,9 +414,10 @@ def report_runs(args: argparse.Namespace, store: Any, runs: list) -> int:
 
 
 @command("run", "plan a job, then run it here in a container or natively, and record the run",
-         arg("job", metavar="JOB"),
+         arg("job", metavar="JOB", nargs="+", help="job files (several with --hosts)"),
          arg("--experiment", metavar="NAME", help="run only this experiment of the job file"),
          arg("--host", default="local", help="where to run (default: local)"),
+         arg("--hosts", metavar="A,B", help="spread the runs over these hosts, one per free GPU, all at once"),
          arg("--backend", choices=["docker", "native"], help="force a backend (default: from the host's profile)"),
          arg("--force", action="store_true", help="run even when the planner refuses the job"),
          *SET_ARGS, *WAIT_ARGS, *STORE_ARGS)
@@ -421,7 +426,9 @@ def run_job(args: argparse.Namespace) -> int:
     from runner.hosts import load_inventory
 
     inventory = load_inventory(args.hosts_file)
-    prepared = dispatch.prepare(args.job, experiment=args.experiment, host=args.host, sets=args.sets,
+    if args.hosts or len(args.job) > 1:
+        return run_spread(args, inventory)
+    prepared = dispatch.prepare(args.job[0], experiment=args.experiment, host=args.host, sets=args.sets,
                                 force=args.force, backend=args.backend, inventory=inventory)
     store = open_store(args)
     runs = []
@@ -516,14 +523,15 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 
 @command("resume", "start a stopped or failed run again from its last checkpoint, in the same run directory",
-         arg("run_id", metavar="RUN", help="a run id or a unique prefix of one"), *WAIT_ARGS, *STORE_ARGS)
+         arg("run_id", metavar="RUN", help="a run id or a unique prefix of one"),
+         arg("--host", metavar="NAME", help="continue a remote run on another SSH host"), *WAIT_ARGS, *STORE_ARGS)
 def run_resume(args: argparse.Namespace) -> int:
     from runner import dispatch
 
     store = open_store(args)
     offset = dispatch.log_size(store.get(args.run_id))
     try:
-        run = follow_run(args, store, dispatch.resume(store, args.run_id), offset)
+        run = follow_run(args, store, dispatch.resume(store, args.run_id, host=args.host), offset)
     except KeyboardInterrupt:
         return 130
     return report_runs(args, store, [run])
@@ -632,6 +640,106 @@ def probe(args: argparse.Namespace) -> int:
     out.print(capacity.capacity_table(cap))
     out.print(cap.recommendation(), markup=False, highlight=False)
     return EXIT_OK if cap.primary is not None else EXIT_REFUSED
+
+
+# --- remote hosts -------------------------------------------------------------------------
+
+def run_spread(args: argparse.Namespace, inventory: Any) -> int:
+    """`runner run JOB... --hosts a,b`: place every run first, then start them all and follow them together."""
+    from runner import dispatch
+
+    hosts = [h.strip() for h in (args.hosts or args.host).split(",") if h.strip()]
+    store = open_store(args)
+    prepared = dispatch.spread(store, args.job, hosts, experiment=args.experiment, sets=args.sets,
+                               force=args.force, inventory=inventory)
+    runs = [dispatch.launch(store, prep) for prep in prepared]
+    if not args.detach:
+        try:
+            runs = dispatch.wait_many(store, [run.id for run in runs], out=log_stream(args), grace_s=args.grace)
+        except KeyboardInterrupt:
+            print(f"\nthe runs keep running: `runner logs -f RUN` follows one, `runner runs` lists them",
+                  file=sys.stderr)
+            return 130
+    return report_runs(args, store, runs)
+
+
+@command("hosts trust", "show a host's SSH key (type and SHA256 fingerprint) and record it once you confirm",
+         arg("name", metavar="NAME"),
+         arg("--yes", action="store_true", help="record it without asking (for scripts that checked it otherwise)"))
+def hosts_trust(args: argparse.Namespace) -> int:
+    from runner import ssh
+    from runner.hosts import load_inventory
+
+    host = load_inventory(args.hosts_file).get(args.name)
+    if host.kind != "ssh":
+        raise UserError(f"{host.name} is this machine; there is no host key to trust", field="host")
+
+    answers: list[bool] = []
+
+    def confirm(key: Any) -> bool:
+        was = f" (known_hosts has {', '.join(key.known_fingerprints)})" if key.status == "changed" else ""
+        print(f"{key.host} ({key.known_hosts_name}) presents {key.key_type} {key.fingerprint}: {key.status}{was}")
+        answer = "y"
+        if not args.yes:
+            try:
+                answer = input("trust this key? [y/N] ")
+            except EOFError:
+                answer = ""
+        answers.append(answer.strip().lower() in ("y", "yes"))
+        return answers[-1]
+
+    key = ssh.trust_host(ssh.endpoint_for(host), confirm)
+    if key.status == "known":
+        print(f"{key.host} ({key.known_hosts_name}): {key.key_type} {key.fingerprint} is already trusted")
+        return EXIT_OK
+    if not answers[-1]:
+        print("not recorded", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"recorded in {ssh.runner_known_hosts_path()}")
+    return EXIT_OK
+
+
+@command("hosts probe", "probe a host over SSH: OS, GPUs, Docker and the NVIDIA runtime, disk, Python (cached)",
+         arg("name", metavar="NAME"), arg("--json", action="store_true", help="print the probe as JSON"))
+def hosts_probe(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from runner.hosts import load_inventory
+    from runner.probe import probe_host
+    from runner.units import format_bytes
+
+    found = probe_host(load_inventory(args.hosts_file).get(args.name))
+    if args.json:
+        print(json.dumps(asdict(found), indent=2))
+        return EXIT_OK
+    print(f"{found.host}: {found.os_name}, {found.kernel} ({found.arch}), {found.cpus} CPUs, "
+          f"{format_bytes(found.memory_bytes)} RAM; probed {found.probed_at}")
+    for i, gpu in enumerate(found.gpus):
+        print(f"  gpu {i}: {gpu.name}, {format_bytes(gpu.memory_total_bytes)} "
+              f"({format_bytes(gpu.memory_used_bytes)} in use), driver {gpu.driver_version}")
+    if not found.gpus:
+        print("  gpus: none")
+    print(f"  cuda: {found.cuda_version or '-'}")
+    print(f"  docker: {found.docker_version or 'no engine answers'}; "
+          f"nvidia runtime: {'yes' if found.nvidia_runtime else 'no'}")
+    print(f"  disk free: {format_bytes(found.disk_free_bytes)}; python: {found.python_version or '-'}")
+    print(f"  plans as profile {found.profile}")
+    return EXIT_OK
+
+
+@command("sync", "bring a remote run's directory home now: new log lines, checkpoints, metrics",
+         arg("run_id", metavar="RUN", help="a run id or a unique prefix of one"), *STORE_ARGS)
+def run_sync(args: argparse.Namespace) -> int:
+    from runner import dispatch
+
+    store = open_store(args)
+    report = dispatch.sync_run(store, args.run_id)
+    print(f"{len(report.moved)} files moved ({report.bytes_moved} bytes), {report.skipped} up to date, "
+          f"{len(report.complete_checkpoints)} checkpoints complete, {len(report.pending)} pending, "
+          f"in {report.wall_s:.1f}s")
+    for refusal in report.refused:
+        print(f"refused: {refusal.path}: {refusal.reason}", file=sys.stderr)
+    return EXIT_OK if report.ok else EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from runner import images
 from runner.backends import (DEFAULT_GRACE_S, LOG_FILE, Backend, LaunchSpec, Status, choose_backend, get_backend,
@@ -28,7 +28,11 @@ from runner.hosts import Hardware, Host, Inventory, hardware, load_inventory
 from runner.plan import Plan, plan_job, resolve
 from runner.resolved import ResolvedRun
 from runner.spec import Job, check_job, load_jobs
-from runner.store import TERMINAL, IllegalTransition, Run, Store, data_dir
+from runner.store import ACTIVE, TERMINAL, IllegalTransition, Run, Store, data_dir
+
+if TYPE_CHECKING:
+    from runner.backends.ssh import SSHBackend
+    from runner.sync import SyncReport
 
 Say = Callable[[str], None]
 PEAK_ENV = "RUNNER_PEAK_TFLOPS"
@@ -73,9 +77,11 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
     errors = [e for job in jobs for e in check_job(job, inventory.names)]
     if errors:
         raise UserErrors(errors)
-    if target.kind != "local":
-        raise UserError(f"host {target.name!r} is reached over SSH; `runner run` starts runs on this machine only",
-                        field="host", hint="run on --host local")
+    if target.kind == "ssh":
+        if (backend or "auto") not in ("auto", "ssh"):
+            raise UserError(f"host {target.name!r} is reached over SSH: its runs go in a container there",
+                            field="backend", hint="leave --backend out for remote hosts")
+        remote_backend(inventory)
     hw = hardware(target)
     prepared = []
     for job in jobs:
@@ -86,11 +92,13 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
             _stderr(f"warning: {job.name}: the planner refuses it ({'; '.join(plan.reasons)}); running anyway (--force)")
             plan = replace(plan, passes=True)
         resolved = resolve(job, target, plan, inventory=inventory)
-        chosen = choose_backend(hw.profile, backend or job.spec.backend)
+        chosen = "ssh" if target.kind == "ssh" else choose_backend(hw.profile, backend or job.spec.backend)
         image = None
-        if chosen == "docker":
+        if chosen in ("docker", "ssh"):
             family = images.family_for(hw.profile)
-            assert family is not None  # choose_backend never picks docker for a native profile
+            if family is None:  # only an SSH host can get here: choose_backend never picks docker for it
+                raise UserError(f"profile {hw.profile.id} runs natively, but a host over SSH runs the trainer "
+                                "in a container", field=target.name, hint="give the host a container profile")
             image = images.image_for(family)
         prepared.append(Prepared(job, target, hw, plan, resolved, chosen, image))
     return prepared
@@ -110,6 +118,8 @@ _BACKENDS: dict[str, Backend] = {}
 
 def backend_for(name: str) -> Backend:
     """One backend instance per process (the native one keeps its children to reap them)."""
+    if name == "ssh":
+        return remote_backend()
     if name not in _BACKENDS:
         _BACKENDS[name] = get_backend(name)
     return _BACKENDS[name]
@@ -138,7 +148,9 @@ def _start(store: Store, run: Run, resolved: ResolvedRun, profile: Profile, imag
         run_dir.mkdir(parents=True, exist_ok=True)
         backend = backend_for(run.backend)
         tag = None
-        if image is not None:
+        if image is not None and run.backend == "ssh":
+            tag = image.tag  # the backend puts it on the host by the cheapest path
+        elif image is not None:
             from runner.backends.docker import DockerBackend
 
             assert isinstance(backend, DockerBackend)
@@ -156,7 +168,11 @@ def _start(store: Store, run: Run, resolved: ResolvedRun, profile: Profile, imag
                           gpus=resolved.gpus, env=env, image=tag)
         handle = backend.launch(spec)
         store.update(run.id, handle=handle, image=tag)
-        what = f"container {handle[:12]}" if run.backend == "docker" else f"pid {handle.partition('@')[0]}"
+        if run.backend == "ssh":
+            host, _, container = handle.partition("/")
+            what = f"container {container[:12]} on {host}"
+        else:
+            what = f"container {handle[:12]}" if run.backend == "docker" else f"pid {handle.partition('@')[0]}"
         return store.transition(run.id, "running", f"{what} started")
     except BaseException as exc:
         message = exc.render() if isinstance(exc, UserError) else (
@@ -346,7 +362,14 @@ def cancel(store: Store, run_id: str, *, grace_s: float = DEFAULT_GRACE_S,
     if run.state != "stopping":
         run = store.transition(run.id, "stopping", reason, expect={"starting", "running"})
     backend = backend_for(run.backend)
-    backend.stop(run.handle, grace_s)
+    try:
+        backend.stop(run.handle, grace_s)
+    except UserError as exc:
+        if run.backend != "ssh":
+            raise
+        # The host does not answer: record that the run is out of reach, so it can resume elsewhere.
+        return store.transition(run.id, "lost", f"{reason}, but {exc.message}; the container may still run there",
+                                expect={"stopping"})
     deadline = time.monotonic() + 30
     status = backend.poll(run.handle, Path(run.run_dir))
     while status.running and time.monotonic() < deadline:
@@ -355,12 +378,17 @@ def cancel(store: Store, run_id: str, *, grace_s: float = DEFAULT_GRACE_S,
     return finish(store, run, status) if not status.running else store.get(run.id)
 
 
-def resume(store: Store, run_id: str, say: Say = _stderr) -> Run:
+def resume(store: Store, run_id: str, say: Say = _stderr, *, host: str | None = None) -> Run:
     """Start a new attempt of a run that did not succeed, in the same run directory.
 
-    The trainer continues from the newest intact checkpoint there.
+    The trainer continues from the newest intact checkpoint there. A remote run
+    may continue on another ``host``.
     """
     run = reconcile_run(store, store.get(run_id))
+    if run.backend == "ssh":
+        return resume_remote(store, run, host=host, say=say)
+    if host not in (None, run.host):
+        raise UserError(f"run {run.id} ran on {run.host} here; only runs on SSH hosts move", field="host")
     if run.state == "succeeded":
         raise UserError(f"run {run.id} succeeded; there is nothing to resume", field="run")
     if run.state not in TERMINAL:
@@ -428,3 +456,198 @@ def run_json(store: Store, run: Run) -> dict[str, Any]:
     data["transitions"] = [vars(t) for t in store.transitions(run.id)]
     data["summary"] = read_summary(Path(run.run_dir))
     return data
+
+
+# --- remote hosts -----------------------------------------------------------------------------
+
+_HOSTS_FILE: list[str | Path | None] = [None]
+
+
+def use_hosts_file(path: str | Path | None) -> None:
+    """Read SSH hosts from this inventory file (``--hosts-file``) when a remote run is followed."""
+    _HOSTS_FILE[0] = path
+    backend = _BACKENDS.get("ssh")
+    if backend is not None:
+        backend.hosts_file = path  # type: ignore[attr-defined]
+
+
+def remote_backend(inventory: Inventory | None = None) -> SSHBackend:
+    """The process's SSH backend, one connection per host; ``inventory`` replaces the hosts it reads."""
+    from runner.backends.ssh import SSHBackend
+
+    backend = _BACKENDS.get("ssh")
+    if not isinstance(backend, SSHBackend):
+        backend = SSHBackend(hosts_file=_HOSTS_FILE[0], say=_stderr)
+        _BACKENDS["ssh"] = backend  # type: ignore[assignment]
+    if inventory is not None:
+        backend.inventory = inventory
+    return backend
+
+
+def sync_run(store: Store, run_id: str) -> SyncReport:
+    """Bring a remote run's directory home now."""
+    run = store.get(run_id)
+    if run.backend != "ssh":
+        raise UserError(f"run {run.id} ran on this machine; its directory is already here: {run.run_dir}",
+                        field="run")
+    return remote_backend().pull(run.host, run.id, Path(run.run_dir))
+
+
+def resume_remote(store: Store, run: Run, *, host: str | None = None, say: Say = _stderr) -> Run:
+    """Start a new attempt of a remote run, on its host or on ``host``, from the newest intact checkpoint.
+
+    What the old host still has comes home first, when it answers, and its old
+    container is removed; the newest checkpoint verified at home then goes to
+    the target host unless it has it (with the rest of the run directory when
+    the run moves), so the trainer continues from the newest one on either side.
+    """
+    from runner import ssh
+    from runner.backends.ssh import newest_complete_checkpoint, remote_has_image
+
+    if run.state == "succeeded":
+        raise UserError(f"run {run.id} succeeded; there is nothing to resume", field="run")
+    if run.state not in TERMINAL:
+        raise UserError(f"run {run.id} is still {run.state}", field="run", hint=f"runner cancel {run.id} first")
+    backend = remote_backend()
+    target = backend.inventory.get(host or run.host)
+    if target.kind != "ssh":
+        raise UserError(f"{target.name} is this machine; a remote run resumes on an SSH host", field="host")
+    hw = hardware(target)
+    family = images.family_for(hw.profile)
+    if family is None:
+        raise UserError(f"profile {hw.profile.id} of {target.name} runs natively, not in a container", field="host")
+    local_dir = Path(run.run_dir)
+    try:
+        backend.pull(run.host, run.id, local_dir)
+        if run.handle:
+            backend.release(run.handle)  # a container left behind by an unreachable host must not write on
+    except (ssh.ConnectionLost, ssh.CommandTimeout) as exc:
+        if target.name == run.host:
+            raise
+        say(f"{run.host} does not answer ({exc.message}); continuing from what is here")
+    newest = newest_complete_checkpoint(local_dir)
+    where = f"from {newest.name}" if newest else "from the start (no checkpoint)"
+    image = images.image_for(family)
+    if run.image and run.image != image.tag:
+        with backend.lock(target.name):
+            if remote_has_image(backend.connection(target.name), run.image):
+                image = replace(image, tag=run.image)
+    resolved = ResolvedRun.model_validate_json(run.resolved_json)
+    moved = target.name != run.host
+    on = f" on {target.name}" + (f" (moved from {run.host})" if moved else "")
+    ended_attempt = run.attempt
+    if moved:
+        resolved = resolved.model_copy(update={"host": target.name, "profile": hw.profile.id})
+    run = store.transition(run.id, "queued", f"resume requested: attempt {run.attempt + 1} continues {where}{on}",
+                           host=target.name, profile=hw.profile.id, price_usd_per_hour=hw.price_usd_per_hour,
+                           resolved_json=resolved.model_dump_json())
+    summary = local_dir / SUMMARY_FILE
+    if summary.exists():
+        summary.replace(local_dir / "logs" / f"summary-attempt-{ended_attempt}.json")
+    try:
+        backend.prepare_resume(target.name, run.id, local_dir, ended_attempt,
+                               f"--- attempt {run.attempt}: continues {where}{on}\n", moved=moved)
+    except BaseException as exc:
+        message = exc.render() if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        store.transition(run.id, "failed", f"resume failed: {message}", expect={"queued"})
+        raise
+    say(f"run {run.id}: attempt {run.attempt} continues {where}{on}")
+    return _start(store, run, resolved, hw.profile, image, say)
+
+
+def free_slots(store: Store, host: Host) -> int:
+    """GPUs of a host that no active run holds (a host without GPUs has one slot)."""
+    busy = 0
+    for run in store.runs(states=set(ACTIVE)):
+        if run.host == host.name:
+            busy += ResolvedRun.model_validate_json(run.resolved_json).gpus
+    return hardware(host).gpus - busy
+
+
+def spread(store: Store, job_files: list[str | Path], hosts: list[str], *, experiment: str | None = None,
+           sets: list[str] | None = None, force: bool = False, inventory: Inventory | None = None) -> list[Prepared]:
+    """Place every experiment of the job files on a free host: one run per GPU unless it asks for more.
+
+    Hosts with the most free GPUs are tried first; a host whose planner refuses
+    the experiment is skipped. Raises before anything starts when an experiment
+    fits nowhere.
+    """
+    inventory = inventory or load_inventory()
+    free = {name: free_slots(store, inventory.get(name)) for name in dict.fromkeys(hosts)}
+    placed: list[Prepared] = []
+    for job_file in job_files:
+        names = [j.name for j in load_jobs(job_file, sets or []) if experiment in (None, j.name)]
+        if not names:
+            raise UserError(f"no experiment named {experiment!r}", file=str(job_file), field="experiment")
+        for name in names:
+            refusals: list[UserError] = []
+            for host in sorted(free, key=lambda h: -free[h]):
+                if free[host] <= 0:
+                    continue
+                try:
+                    (prep,) = prepare(job_file, experiment=name, host=host, sets=sets, force=force,
+                                      inventory=inventory)
+                except UserError as exc:
+                    if exc.exit_code != EXIT_REFUSED:
+                        raise
+                    refusals.append(exc)
+                    continue
+                if prep.resolved.gpus <= free[host]:
+                    free[host] -= prep.resolved.gpus
+                    placed.append(prep)
+                    break
+            else:
+                if refusals:
+                    raise refusals[0]
+                raise UserError(f"no free host for {name}: {', '.join(f'{h} ({n} free)' for h, n in free.items())}",
+                                file=str(job_file), field="hosts",
+                                hint="add hosts to --hosts, or wait for runs on them to end")
+    return placed
+
+
+class _Prefixed:
+    """Writes whole lines of one run's log to a shared stream, each prefixed with the run id."""
+
+    def __init__(self, out: IO[bytes], prefix: str, lock):
+        self.out, self.prefix, self.lock, self.pending = out, prefix.encode(), lock, b""
+
+    def write(self, data: bytes) -> None:
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        if lines:
+            with self.lock:
+                self.out.write(b"".join(self.prefix + line + b"\n" for line in lines))
+
+    def flush(self) -> None:
+        with self.lock:
+            self.out.flush()
+
+
+def wait_many(store: Store, run_ids: list[str], *, out: IO[bytes] | None = None, grace_s: float = DEFAULT_GRACE_S,
+              poll_s: float = 1.0) -> list[Run]:
+    """Follow several runs at once (one thread and store connection each); their log lines are prefixed."""
+    import threading
+
+    if len(run_ids) == 1:
+        return [wait(store, run_ids[0], out=out, grace_s=grace_s, poll_s=poll_s)]
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def follow(run_id: str) -> None:
+        own = Store.open(store.path)
+        try:
+            stream = _Prefixed(out, f"[{run_id}] ", lock) if out is not None else None
+            wait(own, run_id, out=stream, grace_s=grace_s, poll_s=poll_s)  # type: ignore[arg-type]
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=follow, args=(run_id,), daemon=True) for run_id in run_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [store.get(run_id) for run_id in run_ids]

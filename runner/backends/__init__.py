@@ -20,7 +20,7 @@ from runner.catalog import Profile
 from runner.errors import UserError
 from runner.resolved import ResolvedRun
 
-BackendName = Literal["docker", "native"]
+BackendName = Literal["docker", "native", "ssh"]
 
 LOG_FILE = "logs/train.log"
 DEFAULT_GRACE_S = 120.0  # a checkpoint of a large model can take a minute or more
@@ -147,4 +147,7 @@ def get_backend(name: str) -> Backend:
     if name == "native":
         from runner.backends.native import NativeBackend
         return NativeBackend()
+    if name == "ssh":
+        from runner.backends.ssh import SSHBackend
+        return SSHBackend()
     raise UserError(f"unknown backend {name!r}", field="backend")

@@ -1,10 +1,11 @@
-"""Watches one native trainer process: its output into ``logs/train.log``, its exit code into a file.
+"""Watches one trainer process: its output into ``logs/train.log``, its exit code into a file.
 
 ``python -m runner.backends.supervisor RUN_DIR -- COMMAND...`` is what the native
-backend starts in a new session. It outlives the ``runner`` that launched it, so
-a detached run still gets its log written (with secrets redacted) and its exit
-code recorded for ``runner status`` to read. SIGTERM to the session reaches the
-trainer, which checkpoints; the supervisor itself waits for the trainer to end.
+backend starts in a new session, and what a container on an SSH host runs. It
+outlives the ``runner`` that launched it, so a detached run still gets its log
+written (with secrets redacted) and its exit code recorded for ``runner status``
+to read. SIGTERM reaches the trainer, which checkpoints; the supervisor itself
+waits for the trainer to end and exits with its code.
 """
 
 from __future__ import annotations
@@ -21,13 +22,23 @@ EXIT_CODE_FILE = "logs/exit_code"
 
 
 def supervise(run_dir: Path, command: list[str]) -> int:
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # handled, not ignored: exec resets it
+    """Run the trainer, write its output and exit code; return its exit code as a shell reports it."""
+    children: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: object) -> None:
+        # In a container only this process gets `docker stop`'s SIGTERM; the trainer must see it to
+        # checkpoint. (The native backend signals the whole session: a repeat is the same request.)
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)  # handled, not ignored: exec resets it
     log_path = run_dir / LOG_FILE
     log_path.parent.mkdir(parents=True, exist_ok=True)
     (run_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
     secrets = secret_values(dict(os.environ))
     with open(log_path, "ab") as log:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        children.append(child)
         assert child.stdout is not None
         for line in iter(child.stdout.readline, b""):
             log.write(redact(line, secrets))
@@ -36,7 +47,7 @@ def supervise(run_dir: Path, command: list[str]) -> int:
     tmp = run_dir / (EXIT_CODE_FILE + ".tmp")
     tmp.write_text(f"{code}\n")
     tmp.replace(run_dir / EXIT_CODE_FILE)
-    return 0
+    return code if code >= 0 else 128 - code
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,317 @@
+"""Runs on SSH hosts end to end: real sshd test hosts, the real Docker Engine behind them, the CLI as a user drives it.
+
+The test hosts share this machine's filesystem and Docker Engine, so a remote
+run directory (the test user's ``~/.runner/runs/ID``) is bind-mounted by the
+same engine that runs local containers; the link and sshd between here and the
+host are real, and are cut and restarted under running jobs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import OFFLINE_IMAGE_ENV, TEST_SESSION
+from runner import dispatch, images, ssh, sync
+from runner.backends.ssh import ensure_remote_image, remote_has_image, send_image
+from runner.cli import main
+from runner.store import Store
+from sshhosts import known_hosts_line
+
+pytestmark = [pytest.mark.ssh, pytest.mark.docker]
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+# The tiny model on small steps (256 tokens), logging every step and checkpointing every 5. LONG trains
+# until it is cancelled, SHORT for 30 steps, TINY for 5.
+EVERY_STEP = ["--set", "train.batch_size=4", "--set", "data.seq_len=64", "--set", "train.log_every_steps=1",
+              "--set", "checkpoint.every_steps=5", "--set", "checkpoint.keep_last=3", "--set", "eval.on_start=false",
+              "--set", "eval.every_steps=1000", "--set", "eval.max_batches=1"]
+LONG = ["--set", "budget.tokens=5M", *EVERY_STEP]
+SHORT = ["--set", "budget.tokens=7680", *EVERY_STEP]
+TINY = ["--set", "budget.tokens=1280", *EVERY_STEP]
+
+@pytest.fixture
+def remote(tmp_home, ssh_hosts, trainer_image, monkeypatch):
+    """Both test hosts in a fresh hosts.yaml and trusted; the trainer image of this tree; quick syncs."""
+    inventory = tmp_home / "hosts.yaml"
+    lines = ["hosts:"]
+    for host in ssh_hosts:
+        lines += [f"  {host.name}:", f"    address: {host.address}", f"    user: {host.user}",
+                  f"    key: {host.client_key_path}", "    profile: cpu"]
+    inventory.write_text("\n".join(lines) + "\n")
+    trust_all(ssh_hosts)
+    for name, value in {"RUNNER_HOSTS": str(inventory), "RUNNER_SYNC_EVERY_S": "2", **OFFLINE_IMAGE_ENV}.items():
+        monkeypatch.setenv(name, value)
+    forget_connections()
+    yield {h.name: h for h in ssh_hosts}
+    forget_connections()
+
+
+def trust_all(hosts) -> None:
+    known = ssh.runner_known_hosts_path()
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.write_text("".join(known_hosts_line(h) + "\n" for h in hosts))
+
+
+def forget_connections() -> None:
+    """What a restarted runner knows: nothing but the store and the inventory."""
+    backend = dispatch._BACKENDS.pop("ssh", None)
+    if backend is not None:
+        backend.close()
+
+
+@pytest.fixture
+def store(tmp_home):
+    opened = Store.open()
+    yield opened
+    opened.close()
+
+
+def remote_dir(host, run_id: str) -> Path:
+    return host.home / ".runner" / "runs" / run_id
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_checkpoints_home(local: Path, remote: Path) -> None:
+    """Every checkpoint the host still has is home, each file matching its manifest's sha256."""
+    remote_ckpts = {p.parent.name for p in remote.glob("checkpoints/step-*/manifest.json")}
+    local_ckpts = {p.parent.name for p in local.glob("checkpoints/step-*/manifest.json")}
+    assert remote_ckpts and remote_ckpts <= local_ckpts
+    for name in local_ckpts:
+        for entry in sync.parse_manifest((local / "checkpoints" / name / "manifest.json").read_bytes()).entries:
+            assert sha256(local / "checkpoints" / name / entry.path) == entry.sha256, (name, entry.path)
+
+
+def assert_same_files(local: Path, remote: Path, *names: str) -> None:
+    for name in names:
+        assert (local / name).read_bytes() == (remote / name).read_bytes(), name
+
+
+def run_ids(out: str) -> list[str]:
+    return [line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("run ")]
+
+
+def container_states(docker_engine, run_id: str) -> list[str]:
+    return [c.status for c in docker_engine.containers.list(all=True, filters={"label": f"runner.run_id={run_id}"})]
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g}s waiting for {what}"
+        time.sleep(0.5)
+
+
+def train_events(run_dir: Path) -> list[dict]:
+    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if e.get("event") == "train"]
+
+
+class Follower(threading.Thread):
+    """A runner process following one run (``runner logs -f``): its own store, the log into a buffer."""
+
+    def __init__(self, store_path: Path, run_id: str):
+        super().__init__(daemon=True)
+        self.store_path, self.run_id, self.out, self.error = store_path, run_id, io.BytesIO(), None
+
+    def run(self) -> None:
+        store = Store.open(self.store_path)
+        try:
+            dispatch.wait(store, self.run_id, out=self.out, poll_s=0.5)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            store.close()
+
+
+def test_two_hosts_at_once_keep_training_through_a_cut_link_and_a_restarted_sshd_and_every_line_comes_home(
+        remote, store, docker_engine, capsys):
+    host1, host2 = remote["host1"], remote["host2"]
+    assert main(["run", str(QUICKSTART), str(QUICKSTART), "--hosts", "host1,host2", "--detach", *LONG]) == 0
+    ids = run_ids(capsys.readouterr().out)
+    by_host = {store.get(i).host: i for i in ids}
+    assert len(ids) == 2 and set(by_host) == {"host1", "host2"}
+    assert all((store.get(i).backend, store.get(i).state) == ("ssh", "running") for i in ids)
+    forget_connections()  # the launching runner is gone; a new one follows the runs by their ids
+    followers = {host: Follower(store.path, run_id) for host, run_id in by_host.items()}
+    for follower in followers.values():
+        follower.start()
+
+    run1, local1 = by_host["host1"], Path(store.get(by_host["host1"]).run_dir)
+    home = lambda: {p.parent.name for p in local1.glob("checkpoints/step-*/manifest.json")}  # noqa: E731
+    wait_for(home, 120, "a first checkpoint of host1 at home")
+    host2.restart_sshd()
+    host1.link_down()
+    try:
+        before = home()
+        far_log = remote_dir(host1, run1) / "logs" / "train.log"
+        grew_from = far_log.stat().st_size
+        time.sleep(25)  # longer than the socket's dead-link timeout: the follower must reconnect
+        assert container_states(docker_engine, run1) == ["running"]  # the job trains on over there
+        assert far_log.stat().st_size > grew_from
+    finally:
+        host1.link_up()
+    wait_for(lambda: home() - before, 90, "host1's checkpoints of the cut to come home")
+    for run_id in ids:
+        assert main(["cancel", run_id, "--grace", "60"]) == 0  # the trainer checkpoints, then exits
+    assert "cancelled" in capsys.readouterr().out
+    for follower in followers.values():
+        follower.join(60)
+        assert not follower.is_alive() and follower.error is None, follower.error
+
+    for host, run_id in by_host.items():
+        run = store.get(run_id)
+        assert run.state == "cancelled" and "cancelled by the user" in run.reason, run.reason
+        local, far = Path(run.run_dir), remote_dir(remote[host], run_id)
+        # Every log line exactly once: what the follower printed is the remote log, byte for byte.
+        assert followers[host].out.getvalue() == (far / "logs" / "train.log").read_bytes()
+        assert_same_files(local, far, "logs/train.log", "metrics.jsonl", "summary.json")
+        assert_checkpoints_home(local, far)
+        summary = json.loads((local / "summary.json").read_text())
+        assert summary["exit_reason"] == "cancelled" and summary["checkpoint"].endswith(f"step-{summary['steps']:07d}")
+        assert container_states(docker_engine, run_id) == []  # released once its end was recorded
+    assert main(["runs", "--json"]) == 0
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {listed[i]["host"] for i in ids} == {"host1", "host2"}
+
+
+def test_a_killed_container_is_lost_then_resumes_on_the_other_host_from_its_newest_checkpoint(
+        remote, store, docker_engine, capsys):
+    assert main(["run", str(QUICKSTART), "--host", "host1", "--detach", *SHORT]) == 0
+    (run_id,) = run_ids(capsys.readouterr().out)
+    local = Path(store.get(run_id).run_dir)
+    far1 = remote_dir(remote["host1"], run_id)
+    wait_for(lambda: len(list(far1.glob("checkpoints/step-*/manifest.json"))) >= 3, 120, "three checkpoints on host1")
+    for container in docker_engine.containers.list(filters={"label": f"runner.run_id={run_id}"}):
+        container.remove(force=True)  # the provider takes the machine back
+    run = dispatch.wait(store, run_id)
+    assert run.state == "lost" and "vanished from host1" in run.reason, run.reason
+    newest = max(p.parent.name for p in local.glob("checkpoints/step-*/manifest.json"))
+    assert newest == max(p.parent.name for p in far1.glob("checkpoints/step-*/manifest.json"))
+    resumed_from = int(newest.split("-")[1])
+    first_attempt = train_events(local)
+
+    assert main(["resume", run_id, "--host", "host2"]) == 0  # follows it to the end
+    run = store.get(run_id)
+    assert (run.state, run.host, run.attempt) == ("succeeded", "host2", 2), run.reason
+    far2 = remote_dir(remote["host2"], run_id)
+    assert_same_files(local, far2, "logs/train.log", "metrics.jsonl", "summary.json")
+    assert_checkpoints_home(local, far2)
+    assert f"--- attempt 2: continues from {newest} on host2 (moved from host1)" in (local / "logs/train.log").read_text()
+    assert json.loads((local / "summary.json").read_text())["resumed_from_step"] == resumed_from
+    second_attempt = train_events(local)[len(first_attempt):]
+    assert [e["step"] for e in second_attempt] == list(range(resumed_from + 1, run.steps + 1))
+    # The loss goes on from the checkpoint's, not from an untrained model's.
+    start = first_attempt[0]["loss"]
+    at_checkpoint = next(e["loss"] for e in first_attempt if e["step"] == resumed_from)
+    resumed = sum(e["loss"] for e in second_attempt[:3]) / 3
+    assert resumed < start - 0.5 * (start - at_checkpoint), (start, at_checkpoint, resumed)
+
+def test_shell_metacharacters_in_a_job_name_and_a_data_path_stay_quoted_and_nothing_outside_the_run_is_touched(
+        remote, store, tmp_path, capsys):
+    nasty = "a b;$(touch pwned)'x`touch pwned2`.jsonl"
+    jobs = tmp_path / "jobs $(touch pwned3)"
+    jobs.mkdir()
+    (jobs / nasty).write_bytes((ROOT / "data" / "sample" / "news.jsonl").read_bytes())
+    text = QUICKSTART.read_text().replace("path: ../data/sample/news.jsonl", f"path: {json.dumps(nasty)}")
+    text = text.replace("path: ../data/sample/filings.txt", f"path: {ROOT / 'data' / 'sample' / 'filings.txt'}")
+    job = jobs / "nasty.yaml"
+    host = remote["host1"]
+    before = set(host.home.rglob("*"))
+    # A job name is a word: metacharacters there are refused before anything reaches a host.
+    job.write_text(text.replace("name: quickstart", "name: \"q;$(touch pwned4)'`id`\""))
+    assert main(["run", str(job), "--host", "host1", *TINY]) == 2
+    assert f"{job}:5:7: name:" in capsys.readouterr().err
+    assert set(host.home.rglob("*")) == before
+    # A data path is anything the filesystem allows: it travels quoted.
+    job.write_text(text)
+    assert main(["run", str(job), "--host", "host1", *TINY]) == 0, capsys.readouterr().err
+    (run_id,) = run_ids(capsys.readouterr().out)
+    run = store.get(run_id)
+    assert run.state == "succeeded", run.reason
+    for where in (host.home, tmp_path, Path.cwd(), Path("/")):
+        assert not list(where.rglob("pwned*")) if where != Path("/") else not list(where.glob("pwned*"))
+    created = {p.relative_to(host.home).as_posix() for p in set(host.home.rglob("*")) - before}
+    parents = {".runner", ".runner/runs", ".runner/env", ".cache", ".cache/runner", ".cache/runner/data"}
+    inside = (".runner/runs/", ".runner/env/", ".cache/runner/data/")
+    assert all(p in parents or p.startswith(inside) for p in created), sorted(created)
+    assert not list((host.home / ".runner" / "env").iterdir())  # the environment file lived only for `docker run`
+    resolved = json.loads((Path(run.run_dir) / "resolved.json").read_text())
+    assert resolved["experiment"]["data"]["sources"][0]["path"].endswith("/" + nasty)
+    digest = hashlib.sha256((jobs / nasty).read_bytes()).hexdigest()
+    assert (host.home / ".cache" / "runner" / "data" / digest / nasty).is_file()
+
+    # A remote run directory that names paths outside itself, or links out, is refused on the way home.
+    far = remote_dir(host, run_id)
+    ckpt = max(far.glob("checkpoints/step-*"))
+    (ckpt / "manifest.json").write_text(json.dumps({"files": [{"path": "../../../../escape", "size": 1,
+                                                               "sha256": "0" * 64}]}))
+    (far / "logs" / "link.log").symlink_to("/etc/passwd")
+    assert main(["sync", run_id]) == 3
+    err = capsys.readouterr().err
+    assert "escape" in err and "logs/link.log" in err and "symlink" in err
+    assert not (Path(run.run_dir) / "logs" / "link.log").exists()
+    assert not list(Path(run.run_dir).parent.parent.rglob("escape"))
+
+
+def test_an_unknown_or_changed_host_key_is_refused_with_its_fingerprint_until_trust_records_it(
+        remote, monkeypatch, capsys):
+    host = remote["host2"]
+    host.rotate_host_key()
+    new_fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(
+        base64.b64decode(host.host_public_key.split()[1])).digest()).decode().rstrip("=")
+    try:
+        assert main(["hosts", "probe", "host2"]) != 0
+        err = capsys.readouterr().err
+        assert "HOST KEY CHANGED" in err and new_fingerprint in err
+        monkeypatch.setattr("builtins.input", lambda prompt: "n")
+        assert main(["hosts", "trust", "host2"]) == 3
+        assert new_fingerprint in capsys.readouterr().out
+        assert main(["hosts", "probe", "host2"]) != 0  # still refused: nothing was recorded
+        capsys.readouterr()
+        monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+        assert main(["hosts", "trust", "host2"]) == 0
+        assert new_fingerprint in capsys.readouterr().out
+        assert main(["hosts", "probe", "host2"]) == 0
+        out = capsys.readouterr().out
+        assert "docker: " in out and "no engine" not in out and "plans as profile cpu" in out
+    finally:
+        trust_all(remote.values())
+
+
+def test_an_image_missing_on_the_host_is_streamed_over_ssh_into_docker_load(remote, docker_engine, trainer_image):
+    repository, version = "runner-sendtest", TEST_SESSION
+    tag = f"{repository}:{version}"
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as archive:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 6
+        archive.addfile(info, io.BytesIO(b"hello\n"))
+    docker_engine.api.import_image_from_data(layer.getvalue(), repository=repository, tag=version)
+    saved = list(docker_engine.images.get(tag).save(named=True))
+    docker_engine.images.remove(tag, force=True)
+    host = remote["host1"]
+    conn = dispatch.remote_backend().connection(host.name)
+    try:
+        assert not remote_has_image(conn, tag)
+        sent = send_image(conn, tag, iter(saved))
+        assert 0 < sent < sum(map(len, saved))  # gzipped on the way
+        assert remote_has_image(conn, tag)
+        assert docker_engine.images.get(tag).attrs["RepoTags"] == [tag]
+    finally:
+        docker_engine.images.remove(tag, force=True)
+    # The trainer image is there already (the engine is shared): nothing moves.
+    ref = replace(images.image_for(images.load_images().get("cpu")), tag=trainer_image)
+    assert ensure_remote_image(conn, ref, print) == "present"
