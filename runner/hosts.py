@@ -24,7 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from runner.catalog import Profile, load_catalog, suggest
 from runner.errors import UserError, UserErrors
 from runner.units import parse_bytes
-from runner.yamldoc import Doc, load_file
+from runner.yamldoc import Doc, load_file, load_text
 
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 HOSTS_ENV = "RUNNER_HOSTS"
@@ -160,6 +160,40 @@ def _convert(exc: ValidationError, doc: Doc, name: str) -> list[UserError]:
                 message = f"{message}, got {err.get('input')!r}"
             errors.append(doc.error(loc, message))
     return errors
+
+
+def add_host(host: Host, explicit: str | Path | None = None) -> Path:
+    """Append a host to the inventory, keeping the file's comments and layout; returns the file written.
+
+    With no inventory yet, one is started in the config dir. The new text is read
+    back through the same checks as ``load_inventory`` before it replaces the file.
+    """
+    path = inventory_path(explicit)
+    if path is None:
+        path = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "runner" / "hosts.yaml"
+    text = path.read_text() if path.is_file() else ""
+    names = load_inventory(path).names if text.strip() else [LOCAL]
+    if host.name in names:
+        raise UserError(f"{host.name} is already in the inventory", file=str(path), field="name")
+    indent = re.search(r"^hosts:[ \t]*\n(?:[ \t]*(?:#.*)?\n)*([ \t]+)\S", text, re.M)
+    step = indent.group(1) if indent else "  "
+    fields = host.model_dump(by_alias=True, exclude_defaults=True, exclude={"name"})
+    entry = f"{step}{host.name}:" + ("" if fields else " {}") + "\n"
+    entry += "".join(f"{step * 2}{key}: {json.dumps(value)}\n" for key, value in fields.items())
+    base = text if text.strip() else "hosts:\n"
+    new_text = base + ("" if base.endswith("\n") else "\n") + entry
+    try:
+        added = inventory_from_doc(load_text(new_text, str(path))).hosts.get(host.name)
+    except (UserError, UserErrors):
+        added = None
+    if added != host:
+        raise UserError("cannot append a host to this file's layout; add it by hand", file=str(path),
+                        hint=f"under hosts:, add {host.name}: with {', '.join(fields) or 'no fields'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new_text)
+    os.replace(tmp, path)
+    return path
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,32 @@ async def test_trust_shows_the_fingerprint_and_records_the_key(world, monkeypatc
     assert presented.key_base64 in ssh.runner_known_hosts_path().read_text()
 
 
+async def test_add_host_shows_form_errors_inline_then_appends_the_host_to_the_inventory(world):  # noqa: F811
+    from runner.hosts import load_inventory
+    from tui.screens.add_host import AddHostScreen
+
+    before = world.hosts_file.read_text()
+    app = RunnerApp(world.settings())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        await pilot.press("a", *"bad name", "enter")
+        await settle(pilot)
+        assert isinstance(app.screen, AddHostScreen)
+        assert "name: use letters, digits" in screen_text(app)
+        assert world.hosts_file.read_text() == before
+        await pilot.press(*["backspace"] * 8, *"rtx4090", "enter")  # taken: the core says so
+        await settle(pilot)
+        assert "rtx4090 is already in the inventory" in screen_text(app)
+        await pilot.press(*["backspace"] * 7, *"box2", "tab", *"10.1.2.3", "tab", "tab", *"2222", "ctrl+s")
+        await settle(pilot)
+        assert not isinstance(app.screen, AddHostScreen)
+        assert "box2" in app.screen.rows
+    assert world.hosts_file.read_text().startswith(before)  # appended: the file's own text is kept
+    box = load_inventory(world.hosts_file).hosts["box2"]
+    assert (box.address, box.port, box.profile) == ("10.1.2.3", 2222, "auto")
+
+
 async def test_runs_follow_the_highlighted_run_and_show_its_directory(stored):
     app = RunnerApp(stored.settings())
     async with app.run_test(size=(80, 24)) as pilot:

@@ -35,6 +35,20 @@ def test_hosts_screen(snap_compare, stored):
     assert snap_compare(RunnerApp(stored.settings()), run_before=go("1"))
 
 
+def test_add_host_form(snap_compare, world):  # noqa: F811
+    assert snap_compare(RunnerApp(world.settings()), run_before=go("1", "a"))
+
+
+def test_trust_dialog_for_a_changed_key(snap_compare, world, monkeypatch):  # noqa: F811
+    from runner import ssh
+
+    presented = ssh.HostKey(host="rtx4090", known_hosts_name="[127.0.0.1]:1", key_type="ssh-ed25519",
+                            fingerprint="SHA256:7r2QxkVnXJ0a3bq8m1Yt5WcZ9uHfLpEoR4sKdNgA6iI", key_base64="AAAA",
+                            status="changed", known_fingerprints=("SHA256:Qm9vZnR5LXRlc3Qta2V5LWZpbmdlcnByaW50MDA",))
+    monkeypatch.setattr(ssh, "fetch_host_key", lambda ep, timeout_s=15.0: presented)
+    assert snap_compare(RunnerApp(world.settings()), run_before=go("1", "down", "t"))
+
+
 def test_plan_screen_marks_cheapest_and_fastest(snap_compare, world):  # noqa: F811
     assert snap_compare(RunnerApp(world.settings()), run_before=go("down", "enter"))
 

@@ -269,7 +269,7 @@ class HostsScreen(Screen):
                 self.notify(f"added {name}")
                 self.load()
 
-        self.app.push_screen(AddHostScreen(self.inventory), added)
+        self.app.push_screen(AddHostScreen(self.app.settings.hosts_file), added)
 
     # --- rendering ---------------------------------------------------------------------------
 
