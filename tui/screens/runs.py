@@ -23,6 +23,8 @@ from tui.widgets.run_feed import LOG_FILE, LOG_TAIL_BYTES, METRICS_FILE, POLL_S,
 STORE_REFRESH_S = 1.0
 RECONCILE_S = 5.0
 LOG_LINES = 1000
+PLOT_EVERY_S = 0.5  # a busy run sends events many times a second; the plot is redrawn at most this often
+PLOT_POINTS = 300  # more points than a terminal has columns only slow plotext down
 COLUMNS = ("run", "experiment", "host", "state", "tokens", "tok/s", "cost", "best eval")
 
 
@@ -61,6 +63,8 @@ class RunsScreen(Screen):
         self.followed: str | None = None
         self.train: list[dict] = []  # the followed run's train events, for progress and speed
         self.evals: list[dict] = []
+        self.plot_due = False
+        self.plotted_at = 0.0  # monotonic time of the last plot with data in it
 
     def compose(self) -> ComposeResult:
         yield NavBar("runs")
@@ -81,6 +85,7 @@ class RunsScreen(Screen):
         self.list_runs()
         self.set_interval(STORE_REFRESH_S, self.list_runs)
         self.set_interval(RECONCILE_S, self.reconcile)
+        self.set_interval(PLOT_EVERY_S, self._plot_if_due)
         self.watch(self.app, "selected_run", self._selected_changed, init=False)
 
     # --- workers -----------------------------------------------------------------------------
@@ -175,7 +180,9 @@ class RunsScreen(Screen):
         if message.events:
             self.train += [e for e in message.events if e.get("event") == "train"]
             self.evals += [e for e in message.events if e.get("event") == "eval"]
-            self._plot()
+            self.plot_due = True
+            if time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
+                self._plot_if_due()
             self._show_summary()
 
     def on_runs_screen_acted(self, message: Acted) -> None:
@@ -188,6 +195,10 @@ class RunsScreen(Screen):
         if run_id and run_id != self.followed:
             self._follow(run_id)
             self._show_summary()
+
+    @on(TabbedContent.TabActivated)
+    def _tab_shown(self) -> None:
+        self._plot_if_due()  # the plot was left alone while hidden; bring it up to date before it shows
 
     def _selected_changed(self) -> None:
         wanted = self.app.selected_run
@@ -284,15 +295,29 @@ class RunsScreen(Screen):
             f"ETA {eta} · ${self._cost(run):,.2f} so far · "
             f"{format_count(speed) if speed else '-'} tokens/s · {step}")
 
+    def _plot_if_due(self) -> None:
+        if self.plot_due and self.query_one(TabbedContent).active == "loss-tab":
+            self._plot()
+
     def _plot(self) -> None:
+        self.plot_due = False
+        self.plotted_at = time.monotonic() if self.train or self.evals else 0.0
         plot = self.query_one(PlotextPlot)
         plt = plot.plt
         plt.clear_data()
         plt.clear_figure()
         plt.xlabel("tokens")
-        if self.train:
-            plt.plot([e["tokens"] for e in self.train], [e["loss"] for e in self.train], label="train")
-        if self.evals:
-            plt.plot([e["tokens"] for e in self.evals], [e["eval_loss"] for e in self.evals], label="eval",
-                     marker="dot")
+        train, evals = _thin(self.train), _thin(self.evals)
+        if train:
+            plt.plot([e["tokens"] for e in train], [e["loss"] for e in train], label="train")
+        if evals:
+            plt.plot([e["tokens"] for e in evals], [e["eval_loss"] for e in evals], label="eval", marker="dot")
         plot.refresh()
+
+
+def _thin(events: list[dict]) -> list[dict]:
+    """At most PLOT_POINTS events, evenly spaced, always with the newest."""
+    if len(events) <= PLOT_POINTS:
+        return events
+    stride = len(events) / PLOT_POINTS
+    return [events[int(i * stride)] for i in range(PLOT_POINTS - 1)] + [events[-1]]
