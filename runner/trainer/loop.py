@@ -9,6 +9,7 @@ Under torchrun every process runs this same loop on its share of the data
 from __future__ import annotations
 
 import json
+import gc
 import itertools
 import math
 import os
@@ -80,7 +81,12 @@ def train(resolved: ResolvedRun, run_dir: Path) -> Summary:
     summary.wall_s = round(time.monotonic() - run.started, 3)
     if run.world.is_main:
         summary.write(run_dir)
-    distributed.leave(run.world)
+    world = run.world
+    # DDP's reducer holds the process group; freed after the group is destroyed, it would tear the
+    # group down under the GIL while gloo's threads wait for the GIL to free tensors (a hang at exit).
+    del run
+    gc.collect()
+    distributed.leave(world)
     return summary
 
 
