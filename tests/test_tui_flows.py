@@ -186,6 +186,17 @@ async def test_compare_shows_every_host_and_the_verdict(stored):
         assert "by profile" in screen_text(app)
 
 
+def test_the_loss_plot_draws_at_most_300_points_spread_over_the_run_and_always_the_newest():
+    from tui.screens.runs import PLOT_POINTS, _thin
+
+    events = [{"tokens": i} for i in range(10_000)]
+    thinned = _thin(events)
+    assert len(thinned) == PLOT_POINTS
+    assert thinned[0]["tokens"] == 0 and thinned[-1]["tokens"] == 9_999
+    assert max(b["tokens"] - a["tokens"] for a, b in zip(thinned, thinned[1:])) <= 10_000 / PLOT_POINTS + 1
+    assert _thin(events[:50]) == events[:50]
+
+
 async def test_the_palette_reaches_every_screen_and_the_current_screens_actions(world):  # noqa: F811
     app = RunnerApp(world.settings())
     async with app.run_test(size=(80, 24)) as pilot:
@@ -211,13 +222,24 @@ async def test_the_mouse_switches_screens_from_the_top_line(world):  # noqa: F81
         assert app.current_mode == "hosts"
 
 
+async def _wait_for(pilot, text: str, timeout_s: float) -> str:
+    for _ in range(int(timeout_s * 10)):
+        await pilot.pause(0.1)
+        if text in screen_text(pilot.app):
+            break
+    screen = screen_text(pilot.app)
+    assert text in screen, screen
+    return screen
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-async def test_dispatch_quickstart_to_local_watch_it_finish_and_compare_it(tmp_path, monkeypatch):
-    """The whole loop on this machine: pick jobs/quickstart.yaml, plan, dispatch, watch, compare.
+async def test_dispatch_quickstart_to_local_cancel_resume_watch_it_finish_and_compare_it(tmp_path, monkeypatch):
+    """The whole loop on this machine: pick jobs/quickstart.yaml, plan, dispatch, cancel, resume, watch, compare.
 
-    The native backend keeps it to about a minute (no image to build); a small budget
-    comes in through the same --set overrides as on the command line.
+    The native backend keeps it short (no image to build); a small budget comes in
+    through the same --set overrides as on the command line. The cancel lands after
+    the first logged step, so the resume continues from the checkpoint it wrote.
     """
     for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
@@ -227,7 +249,7 @@ async def test_dispatch_quickstart_to_local_watch_it_finish_and_compare_it(tmp_p
     from tui.app import Settings
 
     app = RunnerApp(Settings(jobs_dir=REPO / "jobs", hosts_file=hosts_file, store_path=tmp_path / "runs.db",
-                             sets=("budget.tokens=60k", "backend=native")))
+                             sets=("budget.tokens=30k", "backend=native")))
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot)
         options = app.screen.query_one("OptionList")
@@ -239,23 +261,31 @@ async def test_dispatch_quickstart_to_local_watch_it_finish_and_compare_it(tmp_p
         await pilot.press("d")
         await settle(pilot)
         await pilot.press("y")
-        for _ in range(1800):
-            await pilot.pause(0.1)
-            if app.current_mode == "runs" and "quickstart on local · succeeded" in screen_text(app):
-                break
-        text = screen_text(app)
-        assert "quickstart on local · succeeded" in text, text
+        await _wait_for(pilot, "quickstart on local · running", 60)
+        await _wait_for(pilot, "· step ", 60)  # the trainer has logged a step: cancel it mid-run
+        await pilot.press("c")
+        await _wait_for(pilot, "quickstart on local · cancelled", 60)
+        await pilot.press("u")
+        text = await _wait_for(pilot, "quickstart on local · succeeded", 120)
         assert "100%" in text
+        await pilot.press("l")
+        await _wait_for(pilot, "--- attempt 2: continues from step-", 5)
         await pilot.press("5")
         await settle(pilot)
         text = screen_text(app)
         assert "quickstart  local" in text and "cheapest to reach" in text, text
+    run = _store_runs_at(tmp_path / "runs.db")[0]
+    assert (run.state, run.attempt) == ("succeeded", 2) and run.reason.startswith("budget_reached")
 
 
 def _store_runs(world) -> list:  # noqa: F811
+    return _store_runs_at(world.store_path)
+
+
+def _store_runs_at(path) -> list:
     from runner.store import Store
 
-    store = Store.open(world.store_path)
+    store = Store.open(path)
     try:
         return store.runs()
     finally:

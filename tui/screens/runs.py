@@ -319,5 +319,5 @@ def _thin(events: list[dict]) -> list[dict]:
     """At most PLOT_POINTS events, evenly spaced, always with the newest."""
     if len(events) <= PLOT_POINTS:
         return events
-    stride = len(events) / PLOT_POINTS
-    return [events[int(i * stride)] for i in range(PLOT_POINTS - 1)] + [events[-1]]
+    stride = (len(events) - 1) / (PLOT_POINTS - 1)
+    return [events[round(i * stride)] for i in range(PLOT_POINTS)]
