@@ -15,18 +15,11 @@ from textual.widgets import DataTable, Footer, Static
 
 from runner.errors import UserError, UserErrors
 from runner.plan import Plan
+from runner.plan.pick import cheapest_and_fastest
 from runner.spec import Job
 from tui.widgets.nav import NavBar
 
 COLUMNS = ("host", "fits", "peak / capacity", "batch", "steps", "time", "cost", "")
-
-
-def cheapest_and_fastest(plans: list[Plan]) -> tuple[Plan | None, Plan | None]:
-    """The passing plans to highlight, with the same tie-breaks as ``runner plan``."""
-    passing = [p for p in plans if p.passes]
-    cheapest = min(passing, key=lambda p: (p.cost_usd, p.seconds), default=None)
-    fastest = min(passing, key=lambda p: (p.seconds, p.cost_usd), default=None)
-    return cheapest, fastest
 
 
 class PlanScreen(Screen):
