@@ -142,7 +142,7 @@ async def test_add_host_shows_form_errors_inline_then_appends_the_host_to_the_in
     assert (box.address, box.port, box.profile) == ("10.1.2.3", 2222, "auto")
 
 
-async def test_runs_follow_the_highlighted_run_and_show_its_directory(stored):
+async def test_runs_follow_the_highlighted_run_show_its_directory_and_sync_it(stored):
     app = RunnerApp(stored.settings())
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("4")
@@ -160,6 +160,9 @@ async def test_runs_follow_the_highlighted_run_and_show_its_directory(stored):
         await pilot.press("o")
         await settle(pilot)
         assert app.clipboard.endswith("runs/261124-000003")
+        await pilot.press("s")  # sync now: the core checks the run against its backend and says where it stands
+        await settle(pilot)
+        assert any("run 261124-000003: succeeded (budget_reached" in n.message for n in app._notifications)
 
 
 async def test_resume_of_a_succeeded_run_is_refused_with_the_core_reason(stored):
