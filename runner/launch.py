@@ -10,7 +10,6 @@ checkpoints, runs on the host whose run directory the runner follows.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 
 RENDEZVOUS_PORT = 29400  # torchrun's customary port
@@ -56,11 +55,3 @@ def launch_env(grace_s: float) -> dict[str, str]:
     """Environment for the launcher: how long a stopped run may take to checkpoint."""
     return {SHUTDOWN_ENV: str(max(1, int(grace_s)))}
 
-
-def shell_command(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> str:
-    """``argv`` as one line for a remote shell, every part quoted."""
-    parts = [f"cd {shlex.quote(cwd)} &&"] if cwd else []
-    if env:
-        parts.append("env " + " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items())))
-    parts.append(shlex.join(argv))
-    return " ".join(parts)
