@@ -257,6 +257,12 @@ def render_plans(out: Console, job: Any, plans: list[Plan], *, breakdown: bool) 
             batches, p.precision, f"{p.steps:,}", format_count(p.tokens_per_s), format_duration(p.seconds),
             f"${p.cost_usd:,.2f}", " ".join(marks))
     out.print(table)
+    sources: dict[str, list[str]] = {}  # where each host's tokens/s came from: measured, or the catalog
+    for p in plans:
+        if p.memory is not None:
+            sources.setdefault(p.throughput_source, []).append(p.host)
+    for source, hosts in sources.items():
+        out.print(f"  tokens/s on {', '.join(hosts)}: {source}", markup=False, highlight=False)
 
     shown: set[str] = set()
     for p in plans:
@@ -563,6 +569,8 @@ def tui(args: argparse.Namespace) -> int:
          arg("--plot", metavar="FILE", help="write loss against tokens, time and dollars as a PNG"),
          *STORE_ARGS)
 def compare(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from runner import compare as cmp
     from runner.store import Store
 
@@ -576,7 +584,12 @@ def compare(args: argparse.Namespace) -> int:
     rows, verdicts = cmp.rows(found, by=args.by), cmp.verdicts(found)
     if args.format == "table":
         out = console()
-        out.print(cmp.table(rows))
+        if not rows:
+            out.print(f"no finished runs in {args.store or 'the run store'} yet: `runner run JOB` makes one")
+            return EXIT_OK
+        out.print(cmp.table(rows, narrow=True))
+        for line in cmp.flag_lines(rows):
+            out.print(f"[red]![/red] {escape(line)}")
         for verdict in verdicts:
             out.print(verdict.line(), highlight=False, markup=False)
     else:

@@ -341,11 +341,19 @@ def record_from_run(run: Run) -> RunRecord:
 
 
 def records(store: Store, run_ids: Sequence[str] = (), *, job: str | None = None) -> list[RunRecord]:
-    """The runs named (ids or unique prefixes), or every finished run of ``job``, or every finished run."""
+    """The runs named (ids or unique prefixes), or every finished run of ``job``, or every finished run.
+
+    ``runner probe``'s own short runs are left out of "every finished run": they
+    measure a host, not an experiment (name them, or their job, to see them).
+    """
+    from runner.capacity import probe_run_ids
+
     if run_ids:
         runs = [store.get(i) for i in run_ids]
     else:
-        runs = [r for r in reversed(store.runs()) if not r.active and (job is None or r.experiment == job)]
+        probes = probe_run_ids(store) if job is None else set()
+        runs = [r for r in reversed(store.runs())
+                if not r.active and r.id not in probes and (job is None or r.experiment == job)]
         if job is not None and not runs:
             raise UserError(f"no finished runs of job {job!r} in {store.path}", field="job",
                             hint="`runner runs` lists the runs and their jobs")
@@ -393,7 +401,7 @@ def _predicted_memory(resolved) -> MemoryTerms | None:
         capacity_bytes=prof.memory_bytes, memory_bytes=prof.memory_bytes, usable_share=prof.usable_share,
         runtime_bytes=prof.runtime_bytes, optimizer=exp.train.optimizer,
         gradient_checkpointing=exp.train.gradient_checkpointing, grad_accum=s.grad_accum, lora=lora,
-        quantization=exp.quantization) for s in resolved.stages]
+        quantization=exp.quantization, compiled=resolved.compile) for s in resolved.stages]
     return MemoryTerms.from_plan(max(estimates, key=lambda m: m.peak_bytes))
 
 
@@ -451,18 +459,36 @@ def render(rows_: Sequence[Row], verdicts_: Sequence[Verdict], fmt: Format) -> s
     raise ValueError(f"render() writes csv, json or md, not {fmt}")
 
 
-def table(rows_: Sequence[Row]) -> Table:
-    """The comparison as a rich table (flags in red)."""
+def table(rows_: Sequence[Row], *, narrow: bool = False) -> Table:
+    """The comparison as a rich table (flags in red).
+
+    ``narrow`` is for a terminal: the flags column is left out (``flag_lines``
+    prints them under the table) and so is the job column when every row is of
+    one job, which then titles the table.
+    """
     from rich.table import Table
 
     headers, cells = _display(rows_)
-    out = Table(show_edge=False, box=None, header_style="bold")
-    for h in headers:
+    jobs = {r.job for r in rows_}
+    drop = {"flags"} | ({"job"} if len(jobs) == 1 else set()) if narrow else set()
+    keep = [i for i, h in enumerate(headers) if h not in drop]
+    title = next(iter(jobs)) if narrow and len(jobs) == 1 else None
+    out = Table(title=title, title_justify="left", title_style="bold", show_edge=False, box=None,
+                header_style="bold")
+    for i in keep:
+        h = headers[i]
         out.add_column(h, justify="left" if h in ("run", "profile", "host", "job", "flags") else "right",
                        no_wrap=h != "flags")
     for row, text in zip(rows_, cells):
-        out.add_row(*text[:-1], f"[red]{text[-1]}[/red]" if row.flags else "")
+        text = [f"[red]{t}[/red]" if headers[i] == "flags" and row.flags else t for i, t in enumerate(text)]
+        out.add_row(*(text[i] for i in keep))
     return out
+
+
+def flag_lines(rows_: Sequence[Row]) -> list[str]:
+    """One line per prediction error beyond FLAG_SHARE: ``RUN: peak memory +40% vs plan (...)``."""
+    # A profile row's flags already name their runs.
+    return [f if r.label == r.profile else f"{r.label}: {f}" for r in rows_ for f in r.flags]
 
 
 def _display(rows_: Sequence[Row]) -> tuple[list[str], list[list[str]]]:

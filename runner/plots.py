@@ -109,13 +109,16 @@ def draw_terminal(curves_: Sequence[Curve], *, width: int | None = None) -> str:
     import plotext as plt
 
     plt.clear_figure()
+    # The size goes on the whole figure before it is split: set on a subplot, it
+    # would size only that one and the others would not be drawn.
+    plt.plotsize(width or plt.terminal_width() or 150, 20)
+    plt.theme("clear")  # the terminal's own colours
     plt.subplots(1, 3)
     for i, (field, label) in enumerate(AXES, start=1):
         plt.subplot(1, i)
         plt.xlabel(label)
         for c in curves_:
             plt.plot(list(getattr(c, field)), list(c.loss), label=c.label, marker="braille")
-    plt.plotsize(width or plt.terminal_width() or 150, 20)
     text = plt.build()
     plt.clear_figure()
     return text

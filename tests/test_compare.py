@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from runner.compare import MemoryTerms, RunRecord, flags, render, rows, table, verdicts
-from runner.plots import curve, curves, write_png
+from runner.compare import MemoryTerms, RunRecord, flag_lines, flags, render, rows, table, verdicts
+from runner.plots import curve, curves, draw_terminal, write_png
 
 MiB = 2**20
 
@@ -143,3 +143,24 @@ def test_plot_png_has_one_line_per_host(tmp_path):
     out = write_png(drawn, tmp_path / "plot.png", title="quickstart")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(out).size == (1500, 450)
+
+
+def test_on_a_terminal_flags_go_under_the_table_and_one_jobs_name_titles_it():
+    records = [rec("r1", "local", predicted_s=10), rec("r2", "box", price=1.0, wall_s=20)]
+    narrow = table(rows(records), narrow=True)
+    headers = [c.header for c in narrow.columns]
+    assert "flags" not in headers and "job" not in headers and narrow.title == "quickstart"
+    assert flag_lines(rows(records)) == ["r1: time +300% vs plan"]
+    assert flag_lines(rows(records, by="profile")) == ["r1: time +300% vs plan"]
+    two_jobs = table(rows([rec("r1"), rec("r2", job="other")]), narrow=True)
+    assert "job" in [c.header for c in two_jobs.columns] and two_jobs.title is None
+
+
+def test_the_terminal_plot_draws_all_three_panels(tmp_path):
+    write_metrics(tmp_path / "a", [(1000, 5.0), (2000, 4.0)], [(2000, 3.5)])
+    write_metrics(tmp_path / "b", [(1000, 5.5), (2000, 4.5)], [(2000, 3.9)], rate=2000)
+    text = draw_terminal(curves([rec("r1", "local", run_dir=str(tmp_path / "a")),
+                                 rec("r2", "box", price=1.0, run_dir=str(tmp_path / "b"))]), width=120)
+    for label in ("tokens", "wall time (s)", "cost (USD)"):
+        assert label in text
+    assert text.count("local") == 3 and text.count("box") == 3  # a legend per panel
