@@ -6,16 +6,21 @@ and per stable probe; its ``measured(...)`` answers the planner's
 precision:
 
 1. observations on that host, else on other hosts with the same profile;
-2. of the same precision (another precision is a different speed entirely);
-3. of the same shape and sequence length when there are any: their mean;
+2. trained the same way: same precision, LoRA or not, gradient checkpointing or
+   not, same number of processes (each of these is a different speed entirely);
+3. of the same shape and sequence length when there are any: the median of the
+   newest (one slow outlier, say a probe on a busy machine, does not drag it);
 4. otherwise the nearest shape by FLOPs per token, its tokens/s scaled by the
    ratio of FLOPs per token (a model twice as costly per token trains half as
    many tokens per second).
 
 The answer carries the words the plan shows (``calibrated from 3 runs on
-a100-1``), the peak memory measured for an exact match, and the fixed overhead
-of a run on that host (start-up, evaluation, checkpoints), which short runs
-cannot hide. With nothing measured the planner keeps its catalog default.
+a100-1``), the peak memory measured for an exact match (same micro-batch too),
+and the fixed overhead of a run on that host (start-up, evaluation,
+checkpoints), which short runs cannot hide. With nothing measured the planner
+keeps its catalog default (``runner.plan.measured`` checks a plan's memory
+against the peaks measured). Runs with a curriculum are not observations: their
+rate is a blend of several sequence lengths.
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ class Observation:
     overhead_s: float  # wall time beyond tokens / tokens_per_s
     kind: Literal["run", "probe"]
     at: float  # when it was measured (epoch seconds)
+    lora: bool = False
+    gradient_checkpointing: bool = False
+    gpus: int = 1  # training processes in all
+    micro_batch: int | None = None  # what the peak was measured at
+
+    def trained_like(self, precision: str, lora: bool, gradient_checkpointing: bool, gpus: int) -> bool:
+        return (self.precision, self.lora, self.gradient_checkpointing, self.gpus) == \
+            (precision, lora, gradient_checkpointing, gpus)
 
     def flops_per_token(self) -> float:
         return self.shape.flops_per_token(self.seq_len)
@@ -84,14 +97,19 @@ def run_observations(store: Store, *, exclude: set[str] = frozenset()) -> list[O
         if run.id in exclude or not run.tokens_per_s or not run.tokens:
             continue
         resolved = ResolvedRun.model_validate_json(run.resolved_json)
+        if len(resolved.stages) != 1:
+            continue
         shape = experiment_shape(resolved.experiment, Path(resolved.job_dir))
         if shape is None:
             continue
+        exp, stage = resolved.experiment, resolved.stages[0]
         out.append(Observation(
-            host=run.host, profile=run.profile, shape=shape, seq_len=resolved.experiment.seq_len,
+            host=run.host, profile=run.profile, shape=shape, seq_len=stage.seq_len,
             precision=resolved.precision, tokens_per_s=run.tokens_per_s, peak_bytes=run.peak_bytes,
             overhead_s=max(0.0, run.wall_s - run.tokens / run.tokens_per_s), kind="run",
-            at=run.ended_at or run.updated_at))
+            at=run.ended_at or run.updated_at, lora=exp.lora is not None,
+            gradient_checkpointing=exp.train.gradient_checkpointing, gpus=resolved.world_size,
+            micro_batch=stage.micro_batch))
     return out
 
 
@@ -109,11 +127,13 @@ class Calibration:
         probes = probe_observations(store)
         return cls(tuple(probes + run_observations(store, exclude=probe_run_ids(store))))
 
-    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str) -> Measured | None:
-        same_host = [o for o in self.observations if o.host == host and o.precision == precision]
-        pool, where = same_host, f"on {host}"
+    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str, *,
+                 lora: bool = False, gradient_checkpointing: bool = False, gpus: int = 1,
+                 micro_batch: int | None = None) -> Measured | None:
+        alike = [o for o in self.observations if o.trained_like(precision, lora, gradient_checkpointing, gpus)]
+        pool, where = [o for o in alike if o.host == host], f"on {host}"
         if not pool:
-            pool = [o for o in self.observations if o.profile == profile and o.precision == precision]
+            pool = [o for o in alike if o.profile == profile]
             hosts = ", ".join(sorted({o.host for o in pool}))
             where = f"on {hosts} (same profile {profile})"
         if not pool:
@@ -122,13 +142,13 @@ class Calibration:
         exact = [o for o in pool if o.shape == shape and o.seq_len == seq_len]
         if exact:
             chosen = _newest(exact)
-            rate = statistics.fmean(o.tokens_per_s for o in chosen)
-            peaks = [o.peak_bytes for o in chosen if o.peak_bytes]
+            rate = statistics.median(o.tokens_per_s for o in chosen)
+            peaks = [o.peak_bytes for o in chosen if o.peak_bytes and (micro_batch is None or o.micro_batch == micro_batch)]
             return Measured(rate, f"calibrated from {_count(chosen)} {where}", max(peaks) if peaks else None,
                             _overhead(chosen))
         nearest = min(pool, key=lambda o: abs(math.log(o.flops_per_token() / target)))
         chosen = _newest([o for o in pool if o.shape == nearest.shape and o.seq_len == nearest.seq_len])
-        rate = statistics.fmean(o.tokens_per_s for o in chosen) * nearest.flops_per_token() / target
+        rate = statistics.median(o.tokens_per_s for o in chosen) * nearest.flops_per_token() / target
         scaled = (f"nearest shape {format_count(nearest.shape.param_count())} params at seq {nearest.seq_len}, "
                   "scaled by FLOPs per token")
         return Measured(rate, f"calibrated from {_count(chosen)} {where}; {scaled}", None, _overhead(chosen))

@@ -163,7 +163,8 @@ def probe_observations(store: Store) -> list[Observation]:
 
     return [Observation(host=r.host, profile=r.profile, shape=r.shape, seq_len=r.seq_len, precision=r.precision,
                         tokens_per_s=r.tokens_per_s, peak_bytes=r.peak_bytes,
-                        overhead_s=max(0.0, r.wall_s - r.tokens / r.tokens_per_s), kind="probe", at=r.probed_at)
+                        overhead_s=max(0.0, r.wall_s - r.tokens / r.tokens_per_s), kind="probe", at=r.probed_at,
+                        micro_batch=r.micro_batch)
             for r in results(store) if r.stable and r.tokens_per_s]
 
 

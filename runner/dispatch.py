@@ -25,6 +25,7 @@ from runner.backends import (DEFAULT_GRACE_S, LOG_FILE, Backend, LaunchSpec, Sta
 from runner.catalog import Profile, profile as catalog_profile
 from runner.errors import EXIT_REFUSED, UserError, UserErrors
 from runner.hosts import Hardware, Host, Inventory, hardware, load_inventory
+from runner.calibration import default_calibration
 from runner.plan import Plan, plan_job, resolve
 from runner.resolved import ResolvedRun
 from runner.spec import Job, check_job, load_jobs
@@ -84,8 +85,9 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
         remote_backend(inventory)
     hw = hardware(target)
     prepared = []
+    throughput = default_calibration()  # the same measured figures `runner plan` uses
     for job in jobs:
-        plan = plan_job(job, target, inventory=inventory)
+        plan = plan_job(job, target, inventory=inventory, throughput=throughput)
         if not plan.passes:
             if not force or plan.profile is None:
                 raise refusal(job, plan)

@@ -1,5 +1,6 @@
 """Calibration: measured throughput replaces the catalog's assumption, nearest shape scaled by FLOPs per token."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from runner.spec import load_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 D12, D16, TINY = lookup_preset("d12"), lookup_preset("d16"), lookup_preset("tiny")
+GiB = 2**30
 
 
 def obs(host="a100-1", shape=D12, seq=1024, rate=100_000.0, *, profile="a100-80gb", precision="bf16", kind="run",
@@ -65,3 +67,58 @@ def test_plan_uses_the_calibrated_rate_and_the_hosts_fixed_overhead():
     plan = plan_job(job, "local", inventory=inventory, throughput=cal)
     assert plan.throughput_source == "calibrated from 1 probe on local"
     assert plan.seconds == pytest.approx(plan.tokens / 10_000 + 6.0)
+
+
+def test_runs_trained_another_way_do_not_calibrate_a_plan():
+    cal = Calibration((replace(obs(rate=300_000), lora=True), replace(obs(rate=50_000), gradient_checkpointing=True),
+                       replace(obs(rate=400_000), gpus=4)))
+    assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16") is None
+    assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16", lora=True).tokens_per_s == 300_000
+    assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16", gpus=4).tokens_per_s == 400_000
+
+
+def test_one_slow_outlier_does_not_drag_the_calibrated_rate():
+    cal = Calibration((obs(rate=100_000, at=1), obs(rate=104_000, at=2), obs(rate=9_000, kind="probe", at=3)))
+    assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16").tokens_per_s == 100_000
+
+
+def test_a_measured_peak_counts_only_for_the_same_micro_batch():
+    cal = Calibration((replace(obs(peak=30 * GiB), micro_batch=16),))
+    assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16", micro_batch=16).peak_bytes == 30 * GiB
+    assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16", micro_batch=8).peak_bytes is None
+
+
+def quickstart_on_cpu(*sets):
+    job = load_jobs(ROOT / "jobs" / "quickstart.yaml", list(sets))[0]
+    return job, Inventory({"local": Host(name="local", kind="local", profile="cpu", memory="8GiB")}, None)
+
+
+def cpu_obs(seq, rate, *, peak=None, micro_batch=16, overhead=0.0):
+    return replace(obs("local", TINY, seq, rate, profile="cpu", precision="fp32", kind="probe", peak=peak,
+                       overhead=overhead), micro_batch=micro_batch)
+
+
+def test_each_curriculum_stage_takes_the_rate_measured_at_its_sequence_length():
+    job, inventory = quickstart_on_cpu(
+        "curriculum=[{seq_len: 64, batch_size: 16, share: 0.5}, {seq_len: 128, batch_size: 16, share: 0.5}]",
+        "data.seq_len=null")
+    cal = Calibration((cpu_obs(64, 20_000, overhead=5.0), cpu_obs(128, 10_000, overhead=7.0)))
+    plan = plan_job(job, "local", inventory=inventory, throughput=cal)
+    short, long_ = plan.stages
+    expected = short.steps * short.tokens_per_step() / 20_000 + long_.steps * long_.tokens_per_step() / 10_000 + 7.0
+    assert plan.seconds == pytest.approx(expected)  # start-up is paid once, not per stage
+    assert plan.throughput_source == "calibrated from 1 probe on local"
+
+
+def test_a_measured_peak_over_capacity_refuses_the_plan_and_one_above_the_estimate_warns():
+    job, inventory = quickstart_on_cpu()
+    estimate = plan_job(job, "local", inventory=inventory).memory
+    over = Calibration((cpu_obs(128, 10_000, peak=estimate.capacity_bytes + GiB),))
+    plan = plan_job(job, "local", inventory=inventory, throughput=over)
+    assert not plan.passes and plan.fits  # the model said it fits; the measurement says it does not
+    assert plan.reasons[0].startswith("measured peak ") and "calibrated from 1 probe on local" in plan.reasons[0]
+    above = Calibration((cpu_obs(128, 10_000, peak=int(estimate.peak_bytes * 1.3)),))
+    plan = plan_job(job, "local", inventory=inventory, throughput=above)
+    assert plan.passes and any("30% above the estimate" in w for w in plan.warnings)
+    other_batch = Calibration((cpu_obs(128, 10_000, peak=estimate.capacity_bytes + GiB, micro_batch=64),))
+    assert plan_job(job, "local", inventory=inventory, throughput=other_batch).passes

@@ -81,7 +81,7 @@ def test_an_unprobed_host_is_refused_until_probed(monkeypatch, tmp_path):
 
 
 class Calibrated:
-    def measured(self, host, profile, shape, seq_len, precision):
+    def measured(self, host, profile, shape, seq_len, precision, **training):
         return Measured(tokens_per_s=100_000, source="calibrated from 3 runs on a100") if host == "a100" else None
 
 

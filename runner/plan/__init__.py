@@ -16,6 +16,7 @@ from runner.hosts import Hardware, Host, Inventory, NotProbed, hardware, load_in
 from runner.plan.budget import Budget, Coverage, PhaseBudget, plan_budget
 from runner.plan.cost import Measured, ThroughputSource, estimate_cost
 from runner.plan.fixes import Fix, Variant, budget_fixes, memory_fixes
+from runner.plan.measured import memory_check
 from runner.plan.memory import LoraShape, MemoryBreakdown, estimate_memory, lora_targets
 from runner.presets import ModelShape
 from runner.resolved import ResolvedRun, StagePlan
@@ -217,7 +218,12 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
     budget: Budget = plan_budget(job, stage_plans, world)
     warnings.extend(budget.warnings)
 
-    measured = throughput.measured(hw.host, prof.id, shape, spec.seq_len, precision) if throughput else None
+    measured = [throughput.measured(hw.host, prof.id, shape, s.seq_len, precision, lora=spec.lora is not None,
+                                    gradient_checkpointing=train.gradient_checkpointing, gpus=world,
+                                    micro_batch=s.micro_batch) if throughput else None for s in budget.stages]
+    measured_reasons, measured_warnings = memory_check(measured, memories)
+    reasons.extend(measured_reasons)
+    warnings.extend(measured_warnings)
     # Epoch runs have one stage and no fixed step count: use the budget's estimate.
     stage_tokens = [(s.seq_len, (budget.steps if s.steps is None else s.steps) * s.tokens_per_step(world))
                     for s in budget.stages]
@@ -225,7 +231,7 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         shape, stage_tokens, peak_flops=prof.peak_flops(precision), efficiency=prof.efficiency[precision],
         gpus=world, price_usd_per_hour=hw.price_usd_per_hour * train.nodes, lora=spec.lora is not None,
         gradient_checkpointing=train.gradient_checkpointing, max_cost_usd=spec.budget.max_cost_usd,
-        max_hours=spec.budget.max_hours, measured=measured)
+        max_hours=spec.budget.max_hours, measured={s.seq_len: m for s, m in zip(budget.stages, measured)})
     caps = []
     if cost.over_cost:
         reasons.append(f"costs ${cost.cost_usd:,.2f}, over max_cost_usd ${spec.budget.max_cost_usd:,.2f}")

@@ -7,7 +7,7 @@ model convention leaves out: the forward pass recomputed under checkpointing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,9 +25,16 @@ class Measured:
 
 
 class ThroughputSource(Protocol):
-    """Supplies measured throughput for (host, profile, shape, precision), or None."""
+    """Supplies measured throughput for a host, a model shape and a way of training it, or None.
 
-    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str) -> Measured | None: ...
+    LoRA and gradient checkpointing change the work per token as much as the
+    precision does, so they are part of the question; ``micro_batch`` only
+    matters for memory (a peak is measured for one micro-batch).
+    """
+
+    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str, *,
+                 lora: bool = False, gradient_checkpointing: bool = False,
+                 micro_batch: int | None = None) -> Measured | None: ...
 
 
 def flops_per_token(shape: ModelShape, seq_len: int, *, lora: bool) -> float:
@@ -83,22 +90,33 @@ def estimate_cost(
     gradient_checkpointing: bool,
     max_cost_usd: float | None,
     max_hours: float | None,
-    measured: Measured | None = None,
+    measured: Mapping[int, Measured | None] | None = None,
 ) -> Cost:
-    """Seconds = executed FLOPs / (peak x efficiency x GPUs), unless a measurement says otherwise."""
-    stages = []
+    """Seconds = executed FLOPs / (peak x efficiency x GPUs), unless a measurement says otherwise.
+
+    ``measured`` maps a stage's sequence length to what was measured at it, so
+    each stage of a curriculum takes its own figure; a stage without one keeps
+    the catalog's assumption.
+    """
+    measured = measured or {}
+    catalog = f"catalog default: {efficiency:.0%} of peak"
+    stages, sources, overheads = [], [], []
     for seq_len, tokens in stage_tokens:
         model = flops_per_token(shape, seq_len, lora=lora)
-        if measured is not None:
-            rate = measured.tokens_per_s
+        found = measured.get(seq_len)
+        if found is not None:
+            rate = found.tokens_per_s
+            overheads.append(found.overhead_s)
         else:
             executed = executed_flops_per_token(shape, seq_len, lora=lora, gradient_checkpointing=gradient_checkpointing)
             rate = peak_flops * efficiency * gpus / executed
+        sources.append((seq_len, found.source if found else catalog))
         stages.append(StageTime(seq_len, tokens, model * tokens, rate, tokens / rate))
-    seconds = sum(s.seconds for s in stages) + (measured.overhead_s if measured else 0.0)
+    seconds = sum(s.seconds for s in stages) + max(overheads, default=0.0)  # start-up is paid once
     tokens = sum(s.tokens for s in stages)
     cost = seconds / 3600 * price_usd_per_hour
-    source = measured.source if measured else f"catalog default: {efficiency:.0%} of peak"
+    distinct = list(dict.fromkeys(text for _, text in sources))
+    source = distinct[0] if len(distinct) == 1 else "; ".join(f"seq {seq}: {text}" for seq, text in sources)
     return Cost(
         stages=tuple(stages), model_flops=sum(s.model_flops for s in stages), seconds=seconds,
         tokens_per_s=tokens / seconds if seconds else 0.0, cost_usd=cost, source=source,
