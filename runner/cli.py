@@ -114,9 +114,31 @@ def console() -> Console:
 
 # --- validate and plan ------------------------------------------------------------------
 
+class SetField(argparse.Action):
+    """A short flag that is sugar for ``--set FIELD=VALUE``: it adds to the same list, in command-line order."""
+
+    def __init__(self, option_strings: list[str], dest: str, field: str, const: Any = None, **kwargs: Any):
+        self.field = field
+        super().__init__(option_strings, dest, nargs=0 if const is not None else None, const=const,
+                         default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        value = self.const if self.const is not None else values
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest, []), f"{self.field}={value}"])
+
+
 SET_ARGS = (
     arg("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
         help="override a field of the job file, e.g. --set data.seq_len=2048 (repeatable)"),
+    arg("--max-steps", dest="sets", action=SetField, field="budget.max_steps", metavar="N",
+        help="sugar for --set budget.max_steps=N (caps the budget: a quick test)"),
+    arg("--batch-size", dest="sets", action=SetField, field="train.batch_size", metavar="N",
+        help="sugar for --set train.batch_size=N (or auto)"),
+    arg("--seq-len", dest="sets", action=SetField, field="data.seq_len", metavar="N",
+        help="sugar for --set data.seq_len=N"),
+    arg("--no-packing", dest="sets", action=SetField, field="data.packing", const="false",
+        help="sugar for --set data.packing=false"),
 )
 
 
@@ -151,10 +173,6 @@ def validate(args: argparse.Namespace) -> int:
          arg("--host", help="plan on this host only (and show its memory breakdown)"),
          arg("--all-hosts", action="store_true", help="plan on every host in the inventory"),
          *SET_ARGS,
-         arg("--max-steps", type=int, metavar="N", help="sugar for --set budget.max_steps=N (caps the budget)"),
-         arg("--batch-size", metavar="N", help="sugar for --set train.batch_size=N (or auto)"),
-         arg("--seq-len", type=int, metavar="N", help="sugar for --set data.seq_len=N"),
-         arg("--no-packing", action="store_true", help="sugar for --set data.packing=false"),
          arg("--breakdown", action="store_true", help="show the memory breakdown for every host"),
          arg("--json", action="store_true", help="print the plans as JSON"))
 def plan(args: argparse.Namespace) -> int:
@@ -165,17 +183,8 @@ def plan(args: argparse.Namespace) -> int:
 
     if args.host and args.all_hosts:
         raise UserError("give --host or --all-hosts, not both", field="plan")
-    sets = list(args.sets)
-    if args.max_steps is not None:
-        sets.append(f"budget.max_steps={args.max_steps}")
-    if args.batch_size is not None:
-        sets.append(f"train.batch_size={args.batch_size}")
-    if args.seq_len is not None:
-        sets.append(f"data.seq_len={args.seq_len}")
-    if args.no_packing:
-        sets.append("data.packing=false")
     inventory = load_inventory(args.hosts_file)
-    jobs = load_jobs(args.job, sets)
+    jobs = load_jobs(args.job, args.sets)
     errors = [e for job in jobs for e in check_job(job, inventory.names)]
     if errors:
         raise UserErrors(errors)

@@ -121,6 +121,18 @@ def test_plan_short_flags_are_set_overrides_and_shown(capsys):
     assert "overrides: budget.max_steps=10, train.batch_size=4, data.seq_len=64, data.packing=false" in out
 
 
+def test_short_flags_work_wherever_set_does_and_are_validated_like_it(capsys):
+    from runner.cli import build_parser
+
+    job = str(ROOT / "jobs" / "quickstart.yaml")
+    for command in ("validate", "run", "tui"):
+        args = build_parser().parse_args([command, job, "--set", "eval.every_steps=5", "--max-steps", "5", "--no-packing"])
+        assert args.sets == ["eval.every_steps=5", "budget.max_steps=5", "data.packing=false"]
+    assert build_parser().parse_args(["run", job]).sets == []  # nothing left over from the last parse
+    code, _, err = run(capsys, "validate", job, "--max-steps", "0")
+    assert code == 2 and "budget.max_steps: Input should be greater than or equal to 1" in err
+
+
 def test_plan_json_is_machine_readable(capsys):
     code, out, _ = run(capsys, "plan", str(ROOT / "jobs" / "quickstart.yaml"), "--all-hosts", "--json")
     [entry] = json.loads(out)
