@@ -288,7 +288,42 @@ def render_plans(out: Console, job: Any, plans: list[Plan], *, breakdown: bool) 
         for p in plans:
             if p.memory is not None:
                 render_breakdown(out, p)
+        render_budget(out, next((p for p in plans if p.memory is not None), plans[0]))
     out.print()
+
+
+def render_budget(out: Console, plan: Plan) -> None:
+    """Steps per stage, the share of the budget used, and what each source and phase gets."""
+    from rich.table import Table
+
+    from runner.units import format_count
+
+    if plan.memory is None:
+        return
+    used = f" ({plan.budget_used_share:.1%} of the budget)" if plan.budget_used_share is not None else ""
+    out.print(f"  budget: {plan.steps:,} steps, {plan.tokens:,} tokens{used}")
+    if len(plan.stages) > 1:
+        stages = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+        for name in ("stage", "seq", "batch x accum", "tokens/step", "steps", "tokens"):
+            stages.add_column(name, justify="right")
+        for i, s in enumerate(plan.stages):
+            steps = s.steps if s.steps is not None else plan.steps
+            stages.add_row(str(i), str(s.seq_len), f"{s.micro_batch}x{s.grad_accum}", f"{s.tokens_per_step():,}",
+                           f"{steps:,}", format_count(steps * s.tokens_per_step()))
+        out.print(stages)
+    parts = [("", plan.coverage)] if not plan.phases else [(f"{ph.name} ({ph.share:.0%}) ", ph.coverage)
+                                                           for ph in plan.phases]
+    data = Table(show_edge=False, box=None, header_style="bold", pad_edge=False)
+    for name, justify in (("source", "left"), ("mix", "right"), ("tokens", "right"), ("size", "right"),
+                          ("epochs", "right"), ("size from", "left")):
+        data.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for phase, coverage in parts:
+        for c in coverage:
+            data.add_row(phase + c.label, f"{c.weight:.0%}" if c.weight is not None else "?",
+                         format_count(c.tokens) if c.tokens is not None else "?",
+                         format_count(c.size.tokens) if c.size.tokens is not None else "?",
+                         f"{c.epochs:.2f}" if c.epochs is not None else "?", c.size.how)
+    out.print(data)
 
 
 def render_breakdown(out: Console, plan: Plan) -> None:

@@ -133,6 +133,16 @@ def test_short_flags_work_wherever_set_does_and_are_validated_like_it(capsys):
     assert code == 2 and "budget.max_steps: Input should be greater than or equal to 1" in err
 
 
+def test_plan_on_one_host_explains_the_steps_per_stage_and_the_coverage_of_each_source(capsys):
+    code, out, _ = run(capsys, "plan", str(ROOT / "jobs" / "curriculum-197m.yaml"), "--host", "h100")
+    assert code == 0 and "budget: 30,515 steps, 999,915,520 tokens (100.0% of the budget)" in out
+    assert [line.split()[:5] for line in out.splitlines() if line.strip().startswith("0 ")] == \
+        [["0", "8", "4096x1", "32,768", "1,525"]]
+    code, out, _ = run(capsys, "plan", str(ROOT / "jobs" / "lora-llama7b.yaml"), "--host", "rtx4090")
+    (qa,) = [line.split() for line in out.splitlines() if line.startswith("qa ")]
+    assert qa[:5] == ["qa", "100%", "2.42M", "803k", "3.01"]  # 3 epochs of 1,602 samples x 512, rounded up to a step
+
+
 def test_plan_json_is_machine_readable(capsys):
     code, out, _ = run(capsys, "plan", str(ROOT / "jobs" / "quickstart.yaml"), "--all-hosts", "--json")
     [entry] = json.loads(out)
