@@ -233,7 +233,7 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
         for seq_len in seq_lens:
             job_file = folder / f"probe-{model}-s{seq_len}.yaml"
             job_file.write_text(probe_job(model, seq_len, steps, batch_size, sample_data_dir()))
-            result = _probe_one(store, dispatch, job_file, host, model, seq_len, steps, hw, backend, inventory)
+            result = _probe_one(store, dispatch, job_file, host, model, seq_len, steps, hw, backend, inventory, say)
             record(store, result)
             out.append(result)
             say(f"probe {model} seq {seq_len} on {host}: {result.outcome}"
@@ -244,7 +244,7 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
 
 
 def _probe_one(store, dispatch, job_file: Path, host: str, model: str, seq_len: int, steps: int, hw, backend,
-               inventory) -> ProbeResult:
+               inventory, say: Callable[[str], None]) -> ProbeResult:
     shape = lookup_preset(model)
     assert shape is not None
     base = dict(host=host, profile=hw.profile.id, model=model, shape=shape, seq_len=seq_len,
@@ -258,6 +258,9 @@ def _probe_one(store, dispatch, job_file: Path, host: str, model: str, seq_len: 
                            tokens=0, tokens_per_s=None, step_s=None, wall_s=0.0, peak_bytes=None, outcome="refused",
                            detail=exc.message, versions=versions(backend or "-", None))
     stage = prepared.resolved.stages[0]
+    # Said before it starts: a large auto batch on a slow host can make even a short probe long.
+    say(f"probe {model} seq {seq_len} on {host}: {steps} steps of {stage.micro_batch}x{stage.grad_accum}, "
+        f"planned {format_duration(prepared.plan.seconds)} ({prepared.plan.throughput_source})")
     run = dispatch.launch(store, prepared, say=lambda _: None)
     run = dispatch.wait(store, run.id)
     summary = dispatch.read_summary(Path(run.run_dir)) or {}
