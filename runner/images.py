@@ -4,17 +4,28 @@ The families live in ``images/catalog.yaml``. A tag is the family plus a short
 hash of everything that goes into the image (the Dockerfile, pyproject.toml,
 the ``runner`` package and the build arguments), so an unchanged tree reuses the
 image it built before and any source edit gets a new one.
+
+Where no registry answers, a family's base image cannot be pulled. A family
+with an ``offline_base_image`` (the CPU one: Debian's Python, built locally by
+``scripts/ensure-docker.sh``) is then built on that base, offline, from wheels
+that this machine's pip fetches into the build context; the image keeps the tag
+its sources hash to, so every later run finds it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,6 +39,8 @@ BASE_IMAGE_ENV = "RUNNER_BASE_IMAGE"  # build every family on this base instead 
 OFFLINE_ENV = "RUNNER_IMAGE_OFFLINE"  # 1: pip installs only from the wheels in .cache/wheels
 INDEX_URL_ENV = "RUNNER_PIP_INDEX_URL"  # a package index (mirror) for the dependency layer
 WHEELS_DIR = ".cache/wheels"  # inside the build context; the Dockerfile's WHEELS default
+WHEELS_STAMP = ".fetched.sha256"  # in WHEELS_DIR: what the wheels there were fetched for
+IMAGE_PYTHON = "3.11"  # the Python of every base image in the catalog, which the fetched wheels must fit
 HASHED_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".txt"}
 
 
@@ -41,6 +54,7 @@ class ImageFamily(BaseModel):
     base_image: str
     torch: Literal["base image", "index"]
     torch_index_url: str | None = None
+    offline_base_image: str | None = None  # a locally built base to use where base_image cannot be pulled
     extra_packages: list[str] = []
     gpu: Literal["nvidia", "none"]
     precisions: list[Literal["fp32", "fp16", "bf16", "fp8"]] = Field(min_length=1)
@@ -146,14 +160,89 @@ def image_for(family: ImageFamily, root: Path | None = None, env: dict[str, str]
     return ImageRef(family.name, args, f"{IMAGE_REPOSITORY}:{family.name}-{source_hash(root, args)}", root)
 
 
-def ensure_image(client, ref: ImageRef, log_path: Path) -> bool:
+def torch_requirement() -> str:
+    """The torch the image gets when built from fetched wheels: the one this environment runs."""
+    try:
+        return f"torch=={importlib.metadata.version('torch')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "torch"
+
+
+def image_requirements(root: Path) -> list[str]:
+    """What the image's dependency layer installs: torch, the build tools, the runner's dependencies."""
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    return [torch_requirement(), "setuptools>=68", "wheel", *project["dependencies"],
+            *project["optional-dependencies"]["train"]]
+
+
+def fetch_wheels(root: Path, log: IO[str]) -> bool:
+    """Fetch every wheel the image installs into ``root/.cache/wheels`` with this machine's pip; True if it ran.
+
+    Skipped when the wheels there were fetched for the same requirements. torch
+    comes first and alone, so the rest resolves against that wheel (a CPU build
+    stays a CPU build) instead of pulling another from an index.
+    """
+    wheels = root / WHEELS_DIR
+    wheels.mkdir(parents=True, exist_ok=True)
+    requirements = image_requirements(root)
+    digest = hashlib.sha256("\n".join([IMAGE_PYTHON, *requirements]).encode()).hexdigest()
+    stamp = wheels / WHEELS_STAMP
+    if stamp.exists() and stamp.read_text() == digest:
+        return False
+    pip = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--dest", str(wheels),
+           "--find-links", str(wheels), "--only-binary=:all:", "--python-version", IMAGE_PYTHON]
+    for command in (pip + ["--no-deps", requirements[0]], pip + requirements):
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise BuildFailed(f"fetching the image's wheels into {wheels} failed",
+                              hint=f"pip's output is in {log.name}", exit_code=EXIT_FAILED)
+    stamp.write_text(digest)
+    return True
+
+
+def _base_available(client, image: str, log: IO[str]) -> bool:
+    """Whether the engine has ``image`` or can pull it now."""
+    import docker.errors
+
+    try:
+        client.images.get(image)
+        return True
+    except docker.errors.ImageNotFound:
+        pass
+    log.write(f"pulling {image}\n")
+    try:
+        client.images.pull(image)
+        return True
+    except docker.errors.APIError as exc:
+        log.write(f"cannot pull {image}: {exc}\n")
+        return False
+
+
+def _offline_args(ref: ImageRef, log: IO[str], say: Callable[[str], None]) -> dict[str, str]:
+    """The build arguments of ``ref`` on its family's offline base, for when its base cannot be pulled."""
+    base = ref.build_args["BASE_IMAGE"]
+    family = load_images(catalog_path(ref.context)).get(ref.family)
+    fallback = family.offline_base_image if base == family.base_image else None
+    if fallback is None:
+        raise BuildFailed(f"the base image {base} is not here and cannot be pulled", exit_code=EXIT_FAILED,
+                          hint=f"pull or load it with docker, or build on another base: {BASE_IMAGE_ENV}=IMAGE "
+                               f"(with {OFFLINE_ENV}=1 to install from wheels this machine fetches)")
+    say(f"{base} cannot be pulled (no registry answers?); building on {fallback} with wheels from this "
+        f"machine's pip instead")
+    return {**ref.build_args, "BASE_IMAGE": fallback, "OFFLINE": "1"}
+
+
+def ensure_image(client, ref: ImageRef, log_path: Path, say: Callable[[str], None] | None = None) -> bool:
     """Build ``ref`` unless an image with its tag exists; True when it was built now.
 
-    The build's output is streamed to ``log_path``. A file lock keeps two runners
+    The build's output is streamed to ``log_path``; ``say`` hears what is slow or
+    unusual (the build itself, a fallback base). A file lock keeps two runners
     from building the same tag at once.
     """
     import docker.errors
 
+    say = say or (lambda message: None)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     (ref.context / WHEELS_DIR).mkdir(parents=True, exist_ok=True)
     with open(log_path.with_suffix(".lock"), "w") as lock:
@@ -164,12 +253,23 @@ def ensure_image(client, ref: ImageRef, log_path: Path) -> bool:
         except docker.errors.ImageNotFound:
             pass
         with open(log_path, "w") as log:
-            log.write(f"building {ref.tag} from {ref.context} with {ref.build_args}\n")
+            args = dict(ref.build_args)
+            if not _base_available(client, args["BASE_IMAGE"], log):
+                args = _offline_args(ref, log, say)
+                if not _base_available(client, args["BASE_IMAGE"], log):
+                    raise BuildFailed(f"neither {ref.build_args['BASE_IMAGE']} nor {args['BASE_IMAGE']} is here, "
+                                      "and neither can be pulled", exit_code=EXIT_FAILED,
+                                      hint=f"scripts/ensure-docker.sh builds {args['BASE_IMAGE']} without a registry")
+            if args.get("OFFLINE") and fetch_wheels(ref.context, log):
+                say(f"fetched the image's wheels into {ref.context / WHEELS_DIR}")
+            say(f"building image {ref.tag} on {args['BASE_IMAGE']} (log: {log_path})")
+            log.write(f"building {ref.tag} from {ref.context} with {args}\n")
             errors: list[str] = []
             try:
                 for chunk in client.api.build(path=str(ref.context), dockerfile="Dockerfile", tag=ref.tag,
-                                              buildargs=ref.build_args, rm=True, forcerm=True, decode=True,
-                                              labels={"runner.image-family": ref.family}):
+                                              buildargs=args, rm=True, forcerm=True, decode=True,
+                                              labels={"runner.image-family": ref.family,
+                                                      "runner.base-image": args["BASE_IMAGE"]}):
                     if "stream" in chunk:
                         log.write(chunk["stream"])
                         log.flush()

@@ -7,7 +7,6 @@ broken machine cannot pass by skipping everything.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import time
@@ -94,36 +93,16 @@ def ssh_hosts() -> Iterator[list[SSHTestHost]]:
 OFFLINE_IMAGE_ENV = {"RUNNER_BASE_IMAGE": "runner-python:bookworm", "RUNNER_IMAGE_OFFLINE": "1"}
 
 
-def ensure_wheels(context: Path) -> None:
-    """Every wheel the image installs, in the build context (.cache/wheels), fetched once per pyproject.toml."""
-    import tomllib
-
-    from runner import images
-
-    wheels = context / images.WHEELS_DIR
-    wheels.mkdir(parents=True, exist_ok=True)
-    pyproject = (context / "pyproject.toml").read_bytes()
-    stamp = wheels / ".pyproject.sha256"
-    digest = hashlib.sha256(pyproject).hexdigest()
-    if stamp.exists() and stamp.read_text() == digest:
-        return
-    project = tomllib.loads(pyproject.decode())["project"]
-    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheels), "--find-links", str(wheels)]
-    subprocess.run(pip + ["--no-deps", "torch==2.13.0"], check=True)
-    subprocess.run(pip + ["torch==2.13.0", "setuptools>=68", "wheel", *project["dependencies"],
-                          *project["optional-dependencies"]["train"]], check=True)
-    stamp.write_text(digest)
-
-
 @pytest.fixture(scope="session")
 def trainer_image(docker_engine: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The CPU trainer image of this source tree, built offline unless its tag exists; its tag.
+
+    ``images.ensure_image`` fetches the wheels into the build context first (once per requirements).
 
     Tests that dispatch to docker set OFFLINE_IMAGE_ENV too, so the runner picks this same tag.
     """
     from runner import images
 
-    ensure_wheels(REPO_ROOT)
     ref = images.image_for(images.load_images().get("cpu"), REPO_ROOT, {**os.environ, **OFFLINE_IMAGE_ENV})
     log = tmp_path_factory.mktemp("build") / "build.log"
     started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -93,3 +94,51 @@ def test_hopper_gets_fp8_through_torchao_and_cpu_torch_from_the_cpu_index():
 def test_a_tree_without_a_dockerfile_is_refused(tmp_path: Path):
     with pytest.raises(images.UserError, match="no Dockerfile"):
         tag(tmp_path)
+
+
+def test_the_wheels_fetched_for_an_image_pin_the_torch_of_this_environment():
+    requirements = images.image_requirements(REPO)
+    import torch
+
+    assert requirements[0] == f"torch=={torch.__version__}"
+    assert "transformers>=4.45" in requirements and "pydantic>=2.6" in requirements
+
+
+@pytest.mark.docker
+def test_a_base_image_given_by_the_user_that_cannot_be_had_fails_the_build_with_the_way_out(docker_engine,
+                                                                                            tmp_path: Path):
+    ref = images.image_for(images.load_images().get("cpu"), REPO,
+                           {images.BASE_IMAGE_ENV: "runner-test/absent-base:none"})
+    with pytest.raises(images.BuildFailed) as failed:
+        images.ensure_image(docker_engine, ref, tmp_path / "build.log")
+    assert "runner-test/absent-base:none is not here and cannot be pulled" in failed.value.message
+    assert images.BASE_IMAGE_ENV in failed.value.hint
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_a_family_whose_base_cannot_be_pulled_is_built_on_its_offline_base(docker_engine, trainer_image,
+                                                                          tmp_path: Path):
+    root = tmp_path / "src"
+    shutil.copytree(REPO / "runner", root / "runner", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("Dockerfile", "pyproject.toml", "README.md", ".dockerignore"):
+        shutil.copy(REPO / name, root / name)
+    # The wheels the session's image was built from, linked rather than copied (hundreds of MB).
+    shutil.copytree(REPO / images.WHEELS_DIR, root / images.WHEELS_DIR, copy_function=os.link)
+    catalog = (REPO / "images" / "catalog.yaml").read_text()
+    (root / "images").mkdir()
+    (root / "images" / "catalog.yaml").write_text(
+        catalog.replace("base_image: python:3.11-slim-bookworm", "base_image: runner-test/unpullable:none"))
+    family = images.load_images(images.catalog_path(root)).get("cpu")
+    ref = images.image_for(family, root, {})
+    assert ref.build_args["BASE_IMAGE"] == "runner-test/unpullable:none"
+    said: list[str] = []
+    try:
+        assert images.ensure_image(docker_engine, ref, tmp_path / "build.log", said.append)
+        labels = docker_engine.images.get(ref.tag).labels
+        assert labels["runner.base-image"] == family.offline_base_image == "runner-python:bookworm"
+        assert any("runner-test/unpullable:none cannot be pulled" in line for line in said), said
+        # The image keeps the tag its sources hash to: the next run finds it and builds nothing.
+        assert not images.ensure_image(docker_engine, ref, tmp_path / "build.log")
+    finally:
+        docker_engine.images.remove(ref.tag, force=True)
