@@ -158,7 +158,7 @@ def _start(store: Store, run: Run, resolved: ResolvedRun, profile: Profile, imag
             assert isinstance(backend, DockerBackend)
             log = data_dir() / "builds" / f"{image.tag.replace(':', '-')}.log"
             started = time.monotonic()
-            if images.ensure_image(backend.client, image, log):
+            if images.ensure_image(backend.client, image, log, say):
                 say(f"built image {image.tag} in {time.monotonic() - started:.0f}s (log: {log})")
             tag = image.tag
         env = trainer_env()
