@@ -469,8 +469,9 @@ def use_hosts_file(path: str | Path | None) -> None:
     """Read SSH hosts from this inventory file (``--hosts-file``) when a remote run is followed."""
     _HOSTS_FILE[0] = path
     backend = _BACKENDS.get("ssh")
-    if backend is not None:
+    if backend is not None and backend.hosts_file != path:  # type: ignore[attr-defined]
         backend.hosts_file = path  # type: ignore[attr-defined]
+        backend.inventory = load_inventory(path)  # type: ignore[attr-defined]
 
 
 def remote_backend(inventory: Inventory | None = None) -> SSHBackend:

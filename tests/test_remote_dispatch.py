@@ -9,6 +9,7 @@ host are real, and are cut and restarted under running jobs.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -18,30 +19,31 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import docker.errors
 import pytest
 
 from conftest import OFFLINE_IMAGE_ENV, TEST_SESSION
 from runner import dispatch, images, ssh, sync
-from runner.backends.ssh import ensure_remote_image, remote_has_image, send_image
+from runner.backends.ssh import build_on_host, ensure_remote_image, remote_has_image, send_image
 from runner.cli import main
+from runner.errors import UserError
 from runner.store import Store
 from sshhosts import known_hosts_line
 
-pytestmark = [pytest.mark.ssh, pytest.mark.docker]
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
 # The tiny model on small steps (256 tokens), logging every step and checkpointing every 5. LONG trains
-# until it is cancelled, SHORT for 30 steps, TINY for 5.
+# until it is cancelled, SHORT for 20 steps, TINY for 5.
 EVERY_STEP = ["--set", "train.batch_size=4", "--set", "data.seq_len=64", "--set", "train.log_every_steps=1",
               "--set", "checkpoint.every_steps=5", "--set", "checkpoint.keep_last=3", "--set", "eval.on_start=false",
               "--set", "eval.every_steps=1000", "--set", "eval.max_batches=1"]
 LONG = ["--set", "budget.tokens=5M", *EVERY_STEP]
-SHORT = ["--set", "budget.tokens=7680", *EVERY_STEP]
+SHORT = ["--set", "budget.tokens=5120", *EVERY_STEP]
 TINY = ["--set", "budget.tokens=1280", *EVERY_STEP]
 
 @pytest.fixture
-def remote(tmp_home, ssh_hosts, trainer_image, monkeypatch):
-    """Both test hosts in a fresh hosts.yaml and trusted; the trainer image of this tree; quick syncs."""
+def hosts(tmp_home, ssh_hosts, monkeypatch):
+    """Both test hosts in a fresh hosts.yaml and trusted; quick syncs; images built offline."""
     inventory = tmp_home / "hosts.yaml"
     lines = ["hosts:"]
     for host in ssh_hosts:
@@ -54,6 +56,12 @@ def remote(tmp_home, ssh_hosts, trainer_image, monkeypatch):
     forget_connections()
     yield {h.name: h for h in ssh_hosts}
     forget_connections()
+
+
+@pytest.fixture
+def remote(hosts, trainer_image):
+    """The test hosts, with the trainer image of this tree in the engine they share."""
+    return hosts
 
 
 def trust_all(hosts) -> None:
@@ -136,6 +144,8 @@ class Follower(threading.Thread):
             store.close()
 
 
+@pytest.mark.ssh
+@pytest.mark.docker
 def test_two_hosts_at_once_keep_training_through_a_cut_link_and_a_restarted_sshd_and_every_line_comes_home(
         remote, store, docker_engine, capsys):
     host1, host2 = remote["host1"], remote["host2"]
@@ -187,6 +197,8 @@ def test_two_hosts_at_once_keep_training_through_a_cut_link_and_a_restarted_sshd
     assert {listed[i]["host"] for i in ids} == {"host1", "host2"}
 
 
+@pytest.mark.ssh
+@pytest.mark.docker
 def test_a_killed_container_is_lost_then_resumes_on_the_other_host_from_its_newest_checkpoint(
         remote, store, docker_engine, capsys):
     assert main(["run", str(QUICKSTART), "--host", "host1", "--detach", *SHORT]) == 0
@@ -219,6 +231,8 @@ def test_a_killed_container_is_lost_then_resumes_on_the_other_host_from_its_newe
     resumed = sum(e["loss"] for e in second_attempt[:3]) / 3
     assert resumed < start - 0.5 * (start - at_checkpoint), (start, at_checkpoint, resumed)
 
+@pytest.mark.ssh
+@pytest.mark.docker
 def test_shell_metacharacters_in_a_job_name_and_a_data_path_stay_quoted_and_nothing_outside_the_run_is_touched(
         remote, store, tmp_path, capsys):
     nasty = "a b;$(touch pwned)'x`touch pwned2`.jsonl"
@@ -266,9 +280,10 @@ def test_shell_metacharacters_in_a_job_name_and_a_data_path_stay_quoted_and_noth
     assert not list(Path(run.run_dir).parent.parent.rglob("escape"))
 
 
+@pytest.mark.ssh
 def test_an_unknown_or_changed_host_key_is_refused_with_its_fingerprint_until_trust_records_it(
-        remote, monkeypatch, capsys):
-    host = remote["host2"]
+        hosts, monkeypatch, capsys):
+    host = hosts["host2"]
     host.rotate_host_key()
     new_fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(
         base64.b64decode(host.host_public_key.split()[1])).digest()).decode().rstrip("=")
@@ -288,9 +303,11 @@ def test_an_unknown_or_changed_host_key_is_refused_with_its_fingerprint_until_tr
         out = capsys.readouterr().out
         assert "docker: " in out and "no engine" not in out and "plans as profile cpu" in out
     finally:
-        trust_all(remote.values())
+        trust_all(hosts.values())
 
 
+@pytest.mark.ssh
+@pytest.mark.docker
 def test_an_image_missing_on_the_host_is_streamed_over_ssh_into_docker_load(remote, docker_engine, trainer_image):
     repository, version = "runner-sendtest", TEST_SESSION
     tag = f"{repository}:{version}"
@@ -315,3 +332,72 @@ def test_an_image_missing_on_the_host_is_streamed_over_ssh_into_docker_load(remo
     # The trainer image is there already (the engine is shared): nothing moves.
     ref = replace(images.image_for(images.load_images().get("cpu")), tag=trainer_image)
     assert ensure_remote_image(conn, ref, print) == "present"
+
+
+@pytest.mark.ssh
+@pytest.mark.docker
+def test_an_image_can_be_built_on_the_host_from_a_build_context_sent_over_ssh(hosts, docker_engine, tmp_path):
+    context = tmp_path / "a context; $(touch pwned)"
+    (context / "runner").mkdir(parents=True)
+    (context / "runner" / "__init__.py").write_text("VERSION = 'sent'\n")
+    (context / "runner" / "__pycache__").mkdir()
+    (context / "runner" / "__pycache__" / "stale.pyc").write_bytes(b"not sent")
+    (context / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (context / "README.md").write_text("x\n")
+    (context / "Dockerfile").write_text("ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nCOPY runner /opt/runner\n"
+                                        "RUN test ! -e /opt/runner/__pycache__ && grep -q sent /opt/runner/__init__.py\n")
+    tag = f"runner-buildtest:{TEST_SESSION}"
+    ref = images.ImageRef("cpu", {"BASE_IMAGE": "runner-base:bookworm"}, tag, context)
+    conn = dispatch.remote_backend().connection("host1")
+    try:
+        build_on_host(conn, ref, print)
+        assert remote_has_image(conn, tag)
+        assert docker_engine.images.get(tag).labels["runner.image-family"] == "cpu"
+        assert not list((hosts["host1"].home / ".runner" / "build").iterdir())  # the context is cleaned up
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_engine.images.remove(tag, force=True)
+    assert not list(tmp_path.rglob("pwned")) and not list(hosts["host1"].home.rglob("pwned"))
+
+
+@pytest.mark.ssh
+def test_a_host_that_stays_unreachable_past_the_grace_loses_its_runs_and_cancel_gives_up_on_it(hosts, store, capsys):
+    (prep,) = dispatch.prepare(QUICKSTART, host="host2")
+    runs = []
+    for _ in range(2):
+        run = store.create(job_file=str(QUICKSTART), experiment="quickstart", host="host2", profile="cpu",
+                           backend="ssh", resolved_json=prep.resolved.model_dump_json())
+        store.transition(run.id, "starting", "launching")
+        runs.append(store.transition(run.id, "running", "started", handle="host2/0123456789ab"))
+    backend = dispatch.remote_backend()
+    backend.unreachable_grace_s, backend.reconnect_within_s = 3.0, 1.0
+    backend.close()  # an open connection would outlive sshd
+    hosts["host2"].stop_sshd()
+    try:
+        run = dispatch.wait(store, runs[0].id, poll_s=0.2)
+        assert run.state == "lost" and "host host2 unreachable for" in run.reason and "grace of 3s" in run.reason
+        forget_connections()  # a runner that has not seen the host go: the run still counts as running
+        dispatch.remote_backend().reconnect_within_s = 1.0
+        assert main(["cancel", runs[1].id, "--grace", "5"]) == 0
+        run = store.get(runs[1].id)
+        assert run.state == "lost" and run.reason.startswith("cancelled by the user, but host2 unreachable")
+    finally:
+        hosts["host2"].start_sshd()
+
+
+def test_runs_spread_over_hosts_one_per_free_slot_and_refuse_before_starting_when_none_is_left(tmp_home,
+                                                                                             monkeypatch):
+    inventory = tmp_home / "hosts.yaml"
+    inventory.write_text("hosts:\n  a: {address: 192.0.2.1, profile: cpu}\n  b: {address: 192.0.2.2, profile: cpu}\n")
+    monkeypatch.setenv("RUNNER_HOSTS", str(inventory))
+    store = Store.open()
+    placed = dispatch.spread(store, [QUICKSTART, QUICKSTART], ["a", "b"])
+    assert [p.host.name for p in placed] == ["a", "b"] and {p.backend for p in placed} == {"ssh"}
+    with pytest.raises(UserError, match=r"no free host for quickstart: a \(0 free\), b \(0 free\)"):
+        dispatch.spread(store, [QUICKSTART] * 3, ["a", "b"])
+    busy = store.create(job_file=str(QUICKSTART), experiment="quickstart", host="a", profile="cpu", backend="ssh",
+                        resolved_json=placed[0].resolved.model_dump_json())
+    assert [p.host.name for p in dispatch.spread(store, [QUICKSTART], ["a", "b"])] == ["b"]
+    store.transition(busy.id, "cancelled", "done")
+    assert [p.host.name for p in dispatch.spread(store, [QUICKSTART], ["a", "b"])] == ["a"]
+    assert store.runs() == [store.get(busy.id)]  # placing starts nothing

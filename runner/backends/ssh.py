@@ -27,6 +27,7 @@ host has been unreachable for ``unreachable_grace_s``, then that it is gone.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
 import posixpath
@@ -195,7 +196,8 @@ def build_on_host(conn: ssh.Connection, ref: images.ImageRef, say: Say) -> None:
         try:
             chan.exec_command(ssh.remote_cmd(["tar", "-x", "-z", "-f", "-", "-C", context]))
             stream = chan.makefile("wb", 2**20)
-            with tarfile.open(fileobj=stream, mode="w|gz", compresslevel=1) as archive:
+            with gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=1) as packed, \
+                    tarfile.open(fileobj=packed, mode="w|") as archive:
                 for path in build_context_files(ref.context):
                     archive.add(str(path), arcname=path.relative_to(ref.context).as_posix(), recursive=False)
             stream.flush()
@@ -236,7 +238,7 @@ def ensure_remote_image(conn: ssh.Connection, ref: images.ImageRef, say: Say) ->
     from runner.store import data_dir
 
     log = data_dir() / "builds" / f"{ref.tag.replace(':', '-')}.log"
-    if images.ensure_image(client, ref, log):
+    if images.ensure_image(client, ref, log, say):
         say(f"built image {ref.tag} here (log: {log})")
     if remote_has_image(conn, ref.tag):
         return "present"  # the host shares this machine's engine
@@ -330,13 +332,14 @@ class SSHBackend:
 
     def __init__(self, inventory: Inventory | None = None, *, hosts_file: str | Path | None = None,
                  unreachable_grace_s: float | None = None, sync_every_s: float | None = None,
-                 say: Say | None = None):
+                 reconnect_within_s: float = RECONNECT_WITHIN_S, say: Say | None = None):
         self._inventory = inventory
         self.hosts_file = hosts_file
         self.unreachable_grace_s = unreachable_grace_s if unreachable_grace_s is not None else float(
             os.environ.get(UNREACHABLE_GRACE_ENV) or DEFAULT_UNREACHABLE_GRACE_S)
         self.sync_every_s = sync_every_s if sync_every_s is not None else float(
             os.environ.get(SYNC_EVERY_ENV) or DEFAULT_SYNC_EVERY_S)
+        self.reconnect_within_s = reconnect_within_s
         self.say = say or (lambda _: None)
         self._connections: dict[str, ssh.Connection] = {}
         self._homes: dict[str, str] = {}
@@ -368,7 +371,8 @@ class SSHBackend:
         with self._guard:
             conn = self._connections.get(host)
             if conn is None:
-                conn = ssh.Connection(ssh.endpoint_for(self.inventory.get(host)), reconnect_within_s=RECONNECT_WITHIN_S)
+                conn = ssh.Connection(ssh.endpoint_for(self.inventory.get(host)),
+                                      reconnect_within_s=self.reconnect_within_s)
                 self._connections[host] = conn
         conn.transport()
         return conn
@@ -573,8 +577,8 @@ class SSHBackend:
         if down_s < self.unreachable_grace_s:
             return Status(running=True, detail=f"{host} unreachable for {down_s:.0f}s: {why}")
         return Status(running=False, gone=True,
-                      detail=f"host {host} unreachable for {down_s:.0f}s (grace {self.unreachable_grace_s:.0f}s): "
-                             f"{why}; the container may still run there")
+                      detail=f"host {host} unreachable for {down_s:.0f}s, longer than the grace of "
+                             f"{self.unreachable_grace_s:.0f}s (last error: {why}); the container may still run there")
 
     def stop(self, handle: str, grace_s: float = DEFAULT_GRACE_S) -> None:
         """``docker stop``: SIGTERM (the supervisor passes it to the trainer, which checkpoints), then a kill."""
