@@ -325,13 +325,13 @@ class Experiment(Strict):
         for what, parts in (("curriculum", self.curriculum), ("phases", self.phases)):
             total = sum(p.share for p in parts)
             if parts and abs(total - 1) > 1e-6:
-                raise ValueError(f"{what} shares must add up to 1, they add up to {total:g}")
+                raise ValueError(f"{what}: shares must add up to 1, they add up to {total:g}")
         if self.quantization != "none" and self.lora is None:
-            raise ValueError("quantized base weights cannot be trained; add a lora: section")
+            raise ValueError("quantization: quantized base weights cannot be trained; add a lora: section")
         if self.curriculum and self.budget.tokens is None:
-            raise ValueError("a curriculum splits a token budget; set budget.tokens")
+            raise ValueError("budget.tokens: a curriculum splits a token budget; set it")
         if self.phases and self.budget.tokens is None:
-            raise ValueError("phases split a token budget; set budget.tokens")
+            raise ValueError("budget.tokens: phases split a token budget; set it")
         if self.train.nodes > 1 and len(self.hosts) < self.train.nodes:
             raise ValueError(f"train.nodes: {self.train.nodes} runs on the first {self.train.nodes} hosts of hosts:, "
                              f"which lists {len(self.hosts)}; name them (the first one hosts the rendezvous)")
@@ -539,6 +539,9 @@ def _convert(exc: ValidationError, doc: Doc, prefixes: tuple[Path_, ...], overri
                 message = message[len("Value error, "):]
             elif kind.startswith(("literal_error", "enum")):
                 message = f"{message}, got {err.get('input')!r}"
+            named = re.match(r"([a-z_]+): |([a-z_]+(?:\.[a-z_]+)+):? ", message) if not loc else None
+            if named:  # a check across fields names the field it is about first: point there
+                loc, message = tuple((named.group(1) or named.group(2)).split(".")), message[named.end():]
             errors.append(_locate(doc, prefixes, overrides, loc, message))
     return errors
 

@@ -131,6 +131,19 @@ def test_tokens_and_epochs_together_are_refused(tmp_path):
     assert "tokens or epochs, not both" in error
 
 
+@pytest.mark.parametrize(("change", "located"), [
+    (("  seq_len: 128\n", ""), "/job.yaml:4:3: data.seq_len: is required unless a curriculum"),
+    (("budget:", "quantization: 4bit\nbudget:"), "/job.yaml:8:15: quantization: quantized base weights cannot be"),
+    (("budget:", "curriculum: [{seq_len: 64, batch_size: 2, share: 0.5}]\nbudget:"),
+     "/job.yaml:8:13: curriculum: shares must add up to 1, they add up to 0.5"),
+    (("  tokens: 1M", "  max_steps: 5\ncurriculum: [{seq_len: 64, batch_size: 2, share: 1}]"),
+     "/job.yaml:9:3: budget.tokens: a curriculum splits a token budget"),
+])
+def test_checks_across_fields_are_located_at_the_field_they_name(tmp_path, change, located):
+    [error] = errors_of(tmp_path, GOOD.replace(*change))
+    assert located in error
+
+
 def test_duplicate_experiment_names_are_refused(tmp_path):
     text = "defaults:\n" + "".join("  " + line + "\n" for line in GOOD.replace("name: t\n", "").splitlines()) \
         + "experiments:\n  - {name: a}\n  - {name: a}\n"
