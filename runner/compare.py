@@ -440,7 +440,7 @@ def render(rows_: Sequence[Row], verdicts_: Sequence[Verdict], fmt: Format) -> s
                                          "fastest": v.fastest.host,
                                          "best_loss_per_dollar": v.best_loss_per_dollar.host
                                          if v.best_loss_per_dollar else None, "line": v.line()}
-                                        for v in verdicts_]}, indent=2)
+                                        for v in verdicts_]}, indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
