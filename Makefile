@@ -33,5 +33,7 @@ test: venv ensure-docker ensure-sshd
 test-fast: venv
 	$(PYTHON) -m pytest -q -m "not docker and not ssh and not slow" $(PYTEST_ARGS)
 
+# ensure-docker also builds runner-python:bookworm: where no registry answers, the runner builds the
+# CPU trainer image on it, from wheels this machine's pip fetches (docs/runs.md, Images).
 quickstart: venv ensure-docker
 	$(VENV)/bin/runner run jobs/quickstart.yaml --wait

@@ -201,7 +201,7 @@ def fetch_wheels(root: Path, log: IO[str]) -> bool:
     return True
 
 
-def _base_available(client, image: str, log: IO[str]) -> bool:
+def _base_available(client, image: str, log: IO[str], say: Callable[[str], None]) -> bool:
     """Whether the engine has ``image`` or can pull it now."""
     import docker.errors
 
@@ -210,6 +210,7 @@ def _base_available(client, image: str, log: IO[str]) -> bool:
         return True
     except docker.errors.ImageNotFound:
         pass
+    say(f"pulling the base image {image}")
     log.write(f"pulling {image}\n")
     try:
         client.images.pull(image)
@@ -219,7 +220,7 @@ def _base_available(client, image: str, log: IO[str]) -> bool:
         return False
 
 
-def _offline_args(ref: ImageRef, log: IO[str], say: Callable[[str], None]) -> dict[str, str]:
+def _offline_args(ref: ImageRef, say: Callable[[str], None]) -> dict[str, str]:
     """The build arguments of ``ref`` on its family's offline base, for when its base cannot be pulled."""
     base = ref.build_args["BASE_IMAGE"]
     family = load_images(catalog_path(ref.context)).get(ref.family)
@@ -254,9 +255,9 @@ def ensure_image(client, ref: ImageRef, log_path: Path, say: Callable[[str], Non
             pass
         with open(log_path, "w") as log:
             args = dict(ref.build_args)
-            if not _base_available(client, args["BASE_IMAGE"], log):
-                args = _offline_args(ref, log, say)
-                if not _base_available(client, args["BASE_IMAGE"], log):
+            if not _base_available(client, args["BASE_IMAGE"], log, say):
+                args = _offline_args(ref, say)
+                if not _base_available(client, args["BASE_IMAGE"], log, say):
                     raise BuildFailed(f"neither {ref.build_args['BASE_IMAGE']} nor {args['BASE_IMAGE']} is here, "
                                       "and neither can be pulled", exit_code=EXIT_FAILED,
                                       hint=f"scripts/ensure-docker.sh builds {args['BASE_IMAGE']} without a registry")
