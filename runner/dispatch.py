@@ -25,6 +25,7 @@ from runner.backends import (DEFAULT_GRACE_S, LOG_FILE, Backend, LaunchSpec, Sta
 from runner.catalog import Profile, profile as catalog_profile
 from runner.errors import EXIT_REFUSED, UserError, UserErrors
 from runner.hosts import Hardware, Host, Inventory, hardware, load_inventory
+from runner.launch import launch_env
 from runner.calibration import default_calibration
 from runner.plan import Plan, plan_job, resolve
 from runner.resolved import ResolvedRun
@@ -163,9 +164,10 @@ def _start(store: Store, run: Run, resolved: ResolvedRun, profile: Profile, imag
             tag = image.tag
         env = trainer_env()
         env["RUNNER_RUN_ID"] = run.id
+        env.update(launch_env(DEFAULT_GRACE_S))  # torchrun's wait for a stopped run's checkpoint
         peak = profile.tflops.get(resolved.precision)
         if peak:
-            env[PEAK_ENV] = f"{peak * resolved.gpus:g}"
+            env[PEAK_ENV] = f"{peak:g}"  # one GPU's: the trainer multiplies by its processes
         spec = LaunchSpec(run_id=run.id, attempt=run.attempt, run_dir=run_dir, resolved=resolved, profile=profile,
                           gpus=resolved.gpus, env=env, image=tag)
         handle = backend.launch(spec)

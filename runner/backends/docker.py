@@ -17,7 +17,7 @@ import docker.types
 
 from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status, redact, secret_values
 from runner.errors import EXIT_FAILED, UserError
-from runner.launch import launch_env, trainer_argv
+from runner.launch import trainer_argv
 from runner.resolved import ResolvedRun
 
 RUN_MOUNT = "/workspace/run"
@@ -107,7 +107,7 @@ class DockerBackend:
             # python -m runner.trainer, or torchrun with one process per GPU
             argv = trainer_argv("python", f"{RUN_MOUNT}/resolved.json", RUN_MOUNT, gpus=spec.resolved.gpus)
             container = self.client.containers.run(
-                spec.image, argv[1:], entrypoint=argv[:1], environment={**spec.env, **launch_env(DEFAULT_GRACE_S)},
+                spec.image, argv[1:], entrypoint=argv[:1], environment=spec.env,
                 name=f"runner-{spec.run_id}-{spec.attempt}", detach=True, init=True, labels=labels,
                 volumes=volumes, device_requests=device_requests or None,
                 shm_size="2g", working_dir=RUN_MOUNT, **options)

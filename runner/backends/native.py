@@ -25,7 +25,7 @@ from pathlib import Path
 from runner.backends import DEFAULT_GRACE_S, LaunchSpec, Status
 from runner.backends.supervisor import EXIT_CODE_FILE
 from runner.errors import EXIT_FAILED, UserError
-from runner.launch import launch_env, trainer_argv
+from runner.launch import trainer_argv
 from runner.store import data_dir
 
 # What a native trainer inherits besides the allow-list: enough to find Python, caches and devices.
@@ -118,7 +118,6 @@ class NativeBackend:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
         env.update(spec.env)
         env["PYTHONUNBUFFERED"] = "1"
-        env.update(launch_env(DEFAULT_GRACE_S))
         command = [sys.executable, "-m", "runner.backends.supervisor", str(spec.run_dir), "--",
                    *trainer_argv(python, str(resolved), str(spec.run_dir), gpus=spec.resolved.gpus)]
         with open(logs / "supervisor.log", "ab") as err:

@@ -45,6 +45,7 @@ from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status
 from runner.backends.docker import INPUTS_MOUNT, RUN_MOUNT, TEST_LABEL_ENV
 from runner.errors import EXIT_FAILED, UserError
 from runner.hosts import Inventory, load_inventory
+from runner.launch import trainer_argv
 from runner.resolved import ResolvedRun
 
 REMOTE_RUNS_DIR = ".runner/runs"  # relative to the remote home
@@ -74,10 +75,10 @@ def split_handle(handle: str) -> tuple[str, str]:
     return host, container
 
 
-def container_command() -> list[str]:
-    """The container's command: the supervisor writes the log and the exit code, the trainer trains."""
+def container_command(gpus: int = 1) -> list[str]:
+    """The container's command: the supervisor writes the log and the exit code, the trainer (or torchrun) trains."""
     return ["python", "-m", "runner.backends.supervisor", RUN_MOUNT, "--",
-            "python", "-m", "runner.trainer", f"{RUN_MOUNT}/resolved.json", "--out", RUN_MOUNT]
+            *trainer_argv("python", f"{RUN_MOUNT}/resolved.json", RUN_MOUNT, gpus=gpus)]
 
 
 def mount_option(source: str, target: str, readonly: bool) -> str:
@@ -476,7 +477,7 @@ class SSHBackend:
         if spec.profile.device == "cuda":
             devices = self._free_gpus(conn, host, spec.gpus)
             argv += ["--gpus", f'"device={",".join(devices)}"', "--label", f"runner.gpus={','.join(devices)}"]
-        return [*argv, "--entrypoint", "python", spec.image or "", *container_command()[1:]]
+        return [*argv, "--entrypoint", "python", spec.image or "", *container_command(spec.resolved.gpus)[1:]]
 
     def _free_gpus(self, conn: ssh.Connection, host: str, count: int) -> list[str]:
         """GPU indices that no running runner container on this host holds (their runner.gpus labels)."""
