@@ -77,6 +77,9 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
         if not jobs:
             raise UserError(f"no experiment named {experiment!r}", file=str(job_file), field="experiment")
     errors = [e for job in jobs for e in check_job(job, inventory.names)]
+    errors += [job.error(("train", "nodes"), f"runner run starts one host's processes, and this job spreads over "
+                         f"{job.spec.train.nodes} hosts", hint="start one torchrun per host (runner.launch.node_argvs; "
+                         "docs/trainer.md, Several GPUs and hosts)") for job in jobs if job.spec.train.nodes > 1]
     if errors:
         raise UserErrors(errors)
     if target.kind == "ssh":
