@@ -3,8 +3,10 @@
 Creates one SSH test host (network namespace, veth link, real sshd; needs root),
 writes a run directory on it (three checkpoints of large files with manifests,
 many small log files), then, in each round, syncs it home with `runner.sync.pull`
-and with `rsync -a -e ssh` on the same link, and again after one new checkpoint
-appears. Prints a Markdown table. Usage:
+and with `rsync -a -e ssh` on the same link (which goes first alternates by
+round), and again after one new checkpoint appears. Prints a Markdown table
+with throughput and the CPU time each tool spent on this side (the runner's
+process; rsync's receiver and ssh client). Usage:
 
     .venv/bin/python bench/sync_speed.py [--rounds 3]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,6 +63,11 @@ def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rsync(host, known_hosts: Path, remote_dir: str, local: Path) -> float:
     shell = " ".join(["ssh", "-i", str(host.client_key_path), "-o", f"UserKnownHostsFile={known_hosts}",
                       "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"])
@@ -101,16 +109,21 @@ def main() -> None:
             raise SystemExit(made.stderr)
         ep = ssh.Endpoint("bench", host.address, host.port, host.user, (str(host.client_key_path),), True)
         results: dict[str, list[float]] = {"runner full": [], "rsync full": [], "runner new ckpt": [],
-                                           "rsync new ckpt": []}
+                                           "rsync new ckpt": [], "runner cpu": [], "rsync cpu": []}
         moved_new: tuple[str, ...] = ()
         with ssh.connect(ep) as conn:
             print(f"cipher {conn.transport().remote_cipher}; rsync uses ssh's default", file=sys.stderr)
             for round_no in range(args.rounds):
-                for tool in ("runner", "rsync"):
+                for tool in ("runner", "rsync")[::1 if round_no % 2 == 0 else -1]:
                     local = scratch / f"{tool}-{round_no}"
+                    cpu_s = time.process_time() + children_cpu_s()
                     wall_s = ours(conn, remote_dir, local)[0] if tool == "runner" else rsync(
                         host, known, remote_dir, local)
+                    cpu_s = time.process_time() + children_cpu_s() - cpu_s
                     results[f"{tool} full"].append(tree_bytes(local) / MIB / wall_s)
+                    results[f"{tool} cpu"].append(cpu_s * 1000 / (tree_bytes(local) / MIB))
+                    print(f"round {round_no + 1} {tool}: {results[f'{tool} full'][-1]:.0f} MiB/s, "
+                          f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
                 full_bytes = tree_bytes(scratch / f"runner-{round_no}")
                 step = 4000 + round_no * 1000
                 made = host.run_as_user(f"python3 {script} {remote_dir} {step}")
@@ -134,6 +147,8 @@ def main() -> None:
         print("|---|---|---|---|")
         print(f"| full, MiB/s | {statistics.median(results['runner full']):.0f} | "
               f"{statistics.median(results['rsync full']):.0f} | {full:.0%} |")
+        print(f"| full, CPU ms per MiB on this side | {statistics.median(results['runner cpu']):.1f} | "
+              f"{statistics.median(results['rsync cpu']):.1f} | |")
         print(f"| after one new checkpoint, s | {statistics.median(results['runner new ckpt']):.2f} | "
               f"{statistics.median(results['rsync new ckpt']):.2f} | |")
         print()

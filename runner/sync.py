@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 import os
 import posixpath
 import stat
+import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -37,13 +38,19 @@ MANIFEST_NAME = "manifest.json"
 CHECKPOINTS_DIR = "checkpoints"
 APPEND_ONLY_SUFFIXES = (".log", ".jsonl", ".out", ".err")
 PARTIAL_SUFFIX = ".partial"
-# SFTP reads of up to 255 KiB (OpenSSH's sftp-server limit), many in flight.
-READ_REQUEST_BYTES = 255 * 1024
-READS_IN_FLIGHT = 64
+# Large files and file tails come through one `tail -c +N` stream each, several at once:
+# no per-request round trips, and far less work for paramiko than SFTP replies.
+PARALLEL_STREAMS = 3
+# Per stream channel; bounds what paramiko holds in memory when the disk here is slower.
+STREAM_WINDOW_BYTES = 16 * 2**20
+# Each recv takes all that the channel holds (never more than its window): a smaller
+# recv makes paramiko shift the rest of its buffer, which costs most when this side lags.
+RECV_ALL_BYTES = STREAM_WINDOW_BYTES
 # Small files that must move whole come through one tar stream per batch instead of
 # three SFTP round trips each; tar gets their names as quoted arguments.
 BATCH_MAX_FILE_BYTES = 2**20
 BATCH_FILES = 500
+TAR_READ_BYTES = 2**16  # tarfile's read size: its default 10 KiB costs calls, 1 MiB costs copies
 TAIL_CHECK_BYTES = 4096  # compared before appending, so a rewritten log is refetched instead
 DATA_CACHE_DIR = ".cache/runner/data"  # relative to the remote home
 
@@ -169,16 +176,17 @@ class _Tally:
 
 
 def _local_target(local_root: Path, rel: str) -> Path:
-    """The local path for a run-relative path, refusing symlinks on the way and escapes."""
+    """The local path for a run-relative path, refusing symlinks on the way.
+
+    A path with no '..' and no symlink below the run directory cannot leave it,
+    so checking each component with lstat is enough (no realpath per file).
+    """
     rel = safe_relpath(rel)
     path = local_root
     for part in rel.split("/"):
         path = path / part
         if path.is_symlink():
             raise UnsafePath(f"local {path} is a symlink")
-    resolved = path.resolve()
-    if resolved != local_root.resolve() and local_root.resolve() not in resolved.parents:
-        raise UnsafePath(f"{rel!r} resolves outside the local run directory")
     return path
 
 
@@ -197,27 +205,57 @@ def _sha256_file(path: Path) -> str:
 # --------------------------------------------------------------------------- remote reads
 
 
-def _fetch_range(sftp: paramiko.SFTPClient, remote: str, dest, start: int, end: int, hasher=None) -> int:
-    """Copy bytes [start, end) of a remote file into an open local file, many reads in flight."""
+def _fetch_range(transport: paramiko.Transport, host_name: str, remote: str, dest, start: int, end: int,
+                 hasher=None) -> int:
+    """Copy bytes [start, end) of a remote file into an open local file through one ``tail -c +N`` stream.
+
+    A stream costs this side a fraction of the CPU that SFTP's request and reply
+    packets do, and paramiko's side is the bottleneck. Bytes past ``end`` (a log
+    still growing) are not read. A stream that ends early raises EOFError, so
+    ``Connection.retrying`` lists the directory again.
+    """
     if end <= start:
         return 0
-    with sftp.open(remote, "rb") as f:
-        f.MAX_REQUEST_SIZE = READ_REQUEST_BYTES
-        chunks = []
-        offset = start
-        while offset < end:
-            n = min(READ_REQUEST_BYTES, end - offset)
-            chunks.append((offset, n))
-            offset += n
-        copied = 0
-        for data in f.readv(chunks, READS_IN_FLIGHT):
-            dest.write(data)
+    want = end - start
+    chan = transport.open_session(window_size=STREAM_WINDOW_BYTES, timeout=ssh.CONNECT_TIMEOUT_S)
+    copied = 0
+    try:
+        chan.settimeout(ssh.DEAD_LINK_S + ssh.KEEPALIVE_S)
+        chan.exec_command(ssh.remote_cmd(["tail", "-c", f"+{start + 1}", "--", remote]))
+        chan.shutdown_write()
+        while copied < want:
+            chunk = chan.recv(min(RECV_ALL_BYTES, want - copied))
+            if not chunk:
+                break
             if hasher is not None:
-                hasher.update(data)
-            copied += len(data)
-    if copied != end - start:
-        raise EOFError(f"{remote}: expected {end - start} bytes, got {copied} (file shrank?)")
+                hasher.update(chunk)
+            dest.write(chunk)
+            copied += len(chunk)
+        if copied != want:
+            chan.status_event.wait(ssh.DEAD_LINK_S)
+            if chan.exit_status == 127:
+                raise UserError(f"{host_name}: `tail` not found on the host",
+                                hint="install coreutils or busybox on the host")
+            raise EOFError(f"{remote}: expected {want} bytes, got {copied} (file shrank or vanished?)")
+    finally:
+        chan.close()
     return copied
+
+
+class _ChannelStream:
+    """A channel's stdout for ``tarfile``'s stream mode, reading all the channel holds at once (see RECV_ALL_BYTES)."""
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self._chan = chan
+        self._held = b""
+        self._at = 0
+
+    def read(self, size: int) -> bytes:
+        if self._at >= len(self._held):
+            self._held, self._at = self._chan.recv(RECV_ALL_BYTES), 0
+        out = self._held[self._at:self._at + size]
+        self._at += len(out)
+        return out
 
 
 # --------------------------------------------------------------------------- pull
@@ -257,6 +295,44 @@ def _checkpoint_dir(rel: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Stream:
+    """One file (or a log's new tail) to bring home through its own stream.
+
+    ``entry`` set: a checkpoint file, resumed from its partial and checked against
+    the manifest. ``append_from`` set: a log that grew, appended in place.
+    Otherwise a whole file, written to its partial name and renamed.
+    """
+
+    rel: str
+    remote_path: str
+    local: Path
+    size: int
+    mtime: int
+    entry: ManifestEntry | None = None
+    append_from: int | None = None
+
+
+@dataclass(frozen=True)
+class _Done:
+    """What one stream did: bytes moved, and whether its file is in place."""
+
+    stream: _Stream
+    bytes_moved: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class _CheckpointPlan:
+    """A checkpoint whose manifest is written once every file it waits for is in place."""
+
+    manifest_rel: str
+    local_manifest: Path
+    manifest_bytes: bytes
+    already: bool  # the local manifest is this one: the checkpoint was complete before
+    waits_for: tuple[str, ...]
+
+
 def pull(conn: ssh.Connection, remote_dir: str, local_dir: Path) -> SyncReport:
     """Bring a remote run directory home: only what is new or changed moves; see the module doc.
 
@@ -285,36 +361,101 @@ def pull(conn: ssh.Connection, remote_dir: str, local_dir: Path) -> SyncReport:
 
 def _pull_once(conn: ssh.Connection, remote_root: str, local_root: Path, tally: _Tally,
                done: set[str]) -> None:
+    """List, decide what moves (on this thread, over SFTP), then move it over parallel streams."""
     sftp = conn.sftp()
     tally.refused.clear()
     tally.pending.clear()
     files = _list_remote(sftp, remote_root, tally)
-    checkpoint_dirs = {d for rel in files if (d := _checkpoint_dir(rel))}
-    governed: set[str] = set()
-    for ckpt in sorted(checkpoint_dirs):
-        manifest_rel = f"{ckpt}/{MANIFEST_NAME}"
-        in_dir = [rel for rel in files if rel.startswith(ckpt + "/")]
-        governed.update(in_dir)
+    streams: list[_Stream] = []
+    checkpoints: list[_CheckpointPlan] = []
+    for ckpt in sorted({d for rel in files if (d := _checkpoint_dir(rel))}):
         # The trainer writes into a hidden directory and renames it when done.
-        if manifest_rel not in files or ckpt.split("/")[1].startswith("."):
-            tally.pending.extend(in_dir)
+        if f"{ckpt}/{MANIFEST_NAME}" not in files or ckpt.split("/")[1].startswith("."):
+            tally.pending.extend(rel for rel in files if rel.startswith(ckpt + "/"))
             continue
-        _pull_checkpoint(sftp, remote_root, local_root, ckpt, files, tally, done)
-    batch: list[_RemoteFile] = []
-    for rel in sorted(set(files) - governed):
-        if rel in done:
+        plan = _plan_checkpoint(sftp, remote_root, local_root, ckpt, files, tally, done, streams)
+        if plan is not None:
+            checkpoints.append(plan)
+    small: list[_RemoteFile] = []
+    for rel in sorted(files):
+        if _checkpoint_dir(rel) or rel in done:
             continue
         if _wants_whole(local_root, files[rel]):
-            batch.append(files[rel])
-            continue
-        _pull_plain(sftp, remote_root, local_root, files[rel], tally)
-        done.add(rel)
-    for start in range(0, len(batch), BATCH_FILES):
-        _pull_batch(conn, remote_root, local_root, batch[start:start + BATCH_FILES], tally, done)
+            small.append(files[rel])
+        elif (stream := _plan_plain(sftp, remote_root, local_root, files[rel], tally)) is not None:
+            streams.append(stream)
+        else:
+            done.add(rel)
+    finished = _move(conn, remote_root, local_root, streams, small, tally, done)
+    for plan in checkpoints:
+        if all(rel in finished for rel in plan.waits_for):
+            _finish_checkpoint(plan, tally, done)
 
 
-def _pull_checkpoint(sftp, remote_root: str, local_root: Path, ckpt: str, files: dict[str, _RemoteFile],
-                     tally: _Tally, done: set[str]) -> None:
+def _move(conn: ssh.Connection, remote_root: str, local_root: Path, streams: list[_Stream],
+          small: list[_RemoteFile], tally: _Tally, done: set[str]) -> set[str]:
+    """Run the streams, PARALLEL_STREAMS at a time, beside one worker for the tar batches of small files.
+
+    Several streams at once keep the link busy while this side hashes and
+    writes, and small files cost per file (headers, creating files), not per
+    byte. The workers get the transport, not the Connection, so only this
+    thread reconnects; their results are counted here, the first error raised
+    after all have stopped. Returns the run-relative paths now in place.
+    """
+    transport, host = conn.transport(), conn.endpoint.name
+    finished: set[str] = set()
+    batches = [small[i:i + BATCH_FILES] for i in range(0, len(small), BATCH_FILES)]
+    small_tally = _Tally()
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=PARALLEL_STREAMS + 1, thread_name_prefix="sync") as pool:
+        tar_job = pool.submit(_pull_batches, transport, host, remote_root, local_root, batches, small_tally, done)
+        jobs = [pool.submit(_run_stream, transport, host, s) for s in streams]
+        for job in jobs:
+            try:
+                result = job.result()
+            except BaseException as exc:  # noqa: BLE001 - raised below, once every worker has stopped
+                errors.append(exc)
+                continue
+            rel = result.stream.rel
+            tally.bytes_moved += result.bytes_moved
+            if result.ok:
+                tally.moved.append(rel)
+                finished.add(rel)
+                done.add(rel)
+            else:
+                tally.refused.append(Refusal(rel, "sha256 does not match the manifest"))
+        try:
+            tar_job.result()
+        except BaseException as exc:  # noqa: BLE001 - as above
+            errors.append(exc)
+    tally.moved.extend(small_tally.moved)
+    tally.bytes_moved += small_tally.bytes_moved
+    tally.refused.extend(small_tally.refused)
+    tally.pending.extend(small_tally.pending)
+    if errors:
+        raise errors[0]
+    return finished
+
+
+def _run_stream(transport: paramiko.Transport, host: str, s: _Stream) -> _Done:
+    if s.entry is not None:
+        return _fetch_verified(transport, host, s)
+    if s.append_from is not None:
+        with open(s.local, "ab") as dest:
+            moved = _fetch_range(transport, host, s.remote_path, dest, s.append_from, s.size)
+    else:
+        partial = _partial_path(s.local)
+        with open(partial, "wb") as dest:
+            moved = _fetch_range(transport, host, s.remote_path, dest, 0, s.size)
+        os.replace(partial, s.local)
+    os.utime(s.local, (s.mtime, s.mtime))
+    return _Done(s, moved, True)
+
+
+def _plan_checkpoint(sftp: paramiko.SFTPClient, remote_root: str, local_root: Path, ckpt: str,
+                     files: dict[str, _RemoteFile], tally: _Tally, done: set[str],
+                     streams: list[_Stream]) -> _CheckpointPlan | None:
+    """Decide which files of a checkpoint move; None when its manifest cannot be written this time."""
     manifest_rel = f"{ckpt}/{MANIFEST_NAME}"
     with sftp.open(f"{remote_root}/{manifest_rel}", "rb") as f:
         manifest_bytes = f.read()
@@ -322,14 +463,15 @@ def _pull_checkpoint(sftp, remote_root: str, local_root: Path, ckpt: str, files:
         manifest = parse_manifest(manifest_bytes, where=manifest_rel)
     except UserError as exc:
         tally.refused.append(Refusal(manifest_rel, exc.render()))
-        return
+        return None
     try:
         local_manifest = _local_target(local_root, manifest_rel)
     except UnsafePath as exc:
         tally.refused.append(Refusal(manifest_rel, str(exc)))
-        return
+        return None
     already = local_manifest.is_file() and local_manifest.read_bytes() == manifest_bytes
-    verified = True
+    waits_for: list[str] = []
+    complete = True
     for entry in manifest.entries:
         rel = f"{ckpt}/{entry.path}"
         if rel in done:
@@ -338,51 +480,57 @@ def _pull_checkpoint(sftp, remote_root: str, local_root: Path, ckpt: str, files:
         if remote is None:
             tally.refused.append(Refusal(rel, "listed in the manifest but not a regular file in the run "
                                               "directory (missing, or behind a symlink)"))
-            verified = False
+            complete = False
             continue
         if remote.size != entry.size_bytes:
             tally.pending.append(rel)  # still being written, or replaced: try again next time
-            verified = False
+            complete = False
             continue
         try:
             local = _local_target(local_root, rel)
         except UnsafePath as exc:
             tally.refused.append(Refusal(rel, str(exc)))
-            verified = False
+            complete = False
             continue
         if local.is_file() and local.stat().st_size == entry.size_bytes and (
                 already or _sha256_file(local) == entry.sha256):
             tally.skipped += 1
             done.add(rel)
             continue
-        if not _fetch_verified(sftp, f"{remote_root}/{rel}", local, entry, tally):
-            tally.refused.append(Refusal(rel, "sha256 does not match the manifest"))
-            verified = False
-            continue
-        tally.moved.append(rel)
-        done.add(rel)
-    if not verified:
-        return
-    if not already:
-        tmp = _partial_path(local_manifest)
-        tmp.write_bytes(manifest_bytes)
-        os.replace(tmp, local_manifest)
-        tally.moved.append(manifest_rel)
-        tally.bytes_moved += len(manifest_bytes)
+        streams.append(_Stream(rel, f"{remote_root}/{rel}", local, entry.size_bytes, remote.mtime, entry=entry))
+        waits_for.append(rel)
+    if not complete:
+        return None
+    return _CheckpointPlan(manifest_rel, local_manifest, manifest_bytes, already, tuple(waits_for))
+
+
+def _finish_checkpoint(plan: _CheckpointPlan, tally: _Tally, done: set[str]) -> None:
+    """Write the local manifest last, so a local checkpoint with a manifest is complete and verified."""
+    if not plan.already:
+        tmp = _partial_path(plan.local_manifest)
+        tmp.write_bytes(plan.manifest_bytes)
+        os.replace(tmp, plan.local_manifest)
+        tally.moved.append(plan.manifest_rel)
+        tally.bytes_moved += len(plan.manifest_bytes)
     else:
         tally.skipped += 1
-    tally.complete.append(ckpt)
-    done.add(manifest_rel)
+    tally.complete.append(plan.manifest_rel.rsplit("/", 1)[0])
+    done.add(plan.manifest_rel)
 
 
-def _fetch_verified(sftp, remote: str, local: Path, entry: ManifestEntry, tally: _Tally) -> bool:
-    """Fetch into the partial file (resuming it), check the sha256, rename into place."""
-    partial = _partial_path(local)
-    local.parent.mkdir(parents=True, exist_ok=True)
+def _fetch_verified(transport: paramiko.Transport, host: str, s: _Stream) -> _Done:
+    """Fetch into the partial file (resuming it), check the sha256, rename into place.
+
+    New bytes are hashed as they arrive; only a resumed partial's earlier bytes
+    are read back from disk.
+    """
+    assert s.entry is not None
+    partial = _partial_path(s.local)
+    s.local.parent.mkdir(parents=True, exist_ok=True)
     if partial.is_symlink():
         partial.unlink()
     have = partial.stat().st_size if partial.is_file() else 0
-    if have > entry.size_bytes:
+    if have > s.size:
         partial.unlink()
         have = 0
     hasher = hashlib.sha256()
@@ -391,12 +539,12 @@ def _fetch_verified(sftp, remote: str, local: Path, entry: ManifestEntry, tally:
             while chunk := f.read(4 * 2**20):
                 hasher.update(chunk)
     with open(partial, "ab") as dest:
-        tally.bytes_moved += _fetch_range(sftp, remote, dest, have, entry.size_bytes, hasher)
-    if hasher.hexdigest() != entry.sha256:
+        moved = _fetch_range(transport, host, s.remote_path, dest, have, s.size, hasher)
+    if hasher.hexdigest() != s.entry.sha256:
         partial.unlink()
-        return False
-    os.replace(partial, local)
-    return True
+        return _Done(s, moved, False)
+    os.replace(partial, s.local)
+    return _Done(s, moved, True)
 
 
 def _wants_whole(local_root: Path, remote: _RemoteFile) -> bool:
@@ -406,7 +554,7 @@ def _wants_whole(local_root: Path, remote: _RemoteFile) -> bool:
     try:
         local = _local_target(local_root, remote.rel)
     except UnsafePath:
-        return False  # refused with its reason by _pull_plain
+        return False  # refused with its reason by _plan_plain
     if not local.exists():
         return True
     if not local.is_file() or local.is_symlink():
@@ -417,18 +565,23 @@ def _wants_whole(local_root: Path, remote: _RemoteFile) -> bool:
     return st.st_size != remote.size or int(st.st_mtime) != remote.mtime
 
 
-def _pull_batch(conn: ssh.Connection, remote_root: str, local_root: Path, batch: list[_RemoteFile],
-                tally: _Tally, done: set[str]) -> None:
+def _pull_batches(transport: paramiko.Transport, host: str, remote_root: str, local_root: Path,
+                  batches: list[list[_RemoteFile]], tally: _Tally, done: set[str]) -> None:
+    for batch in batches:
+        _pull_batch(transport, host, remote_root, local_root, batch, tally, done)
+
+
+def _pull_batch(transport: paramiko.Transport, host: str, remote_root: str, local_root: Path,
+                batch: list[_RemoteFile], tally: _Tally, done: set[str]) -> None:
     """Fetch many small files through one ``tar -c`` stream; only the regular files asked for are taken."""
     wanted = {f.rel: f for f in batch}
     argv = ["tar", "-C", remote_root, "-cf", "-", "--", *wanted]
-    chan = conn.transport().open_session(timeout=conn.connect_timeout_s)
+    chan = transport.open_session(window_size=STREAM_WINDOW_BYTES, timeout=ssh.CONNECT_TIMEOUT_S)
     try:
         chan.settimeout(ssh.DEAD_LINK_S + ssh.KEEPALIVE_S)
         chan.exec_command(ssh.remote_cmd(argv))
         chan.shutdown_write()
-        stream = chan.makefile("rb", 2**20)
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
+        with tarfile.open(fileobj=_ChannelStream(chan), mode="r|", bufsize=TAR_READ_BYTES) as archive:
             for member in archive:
                 rel = member.name
                 if rel not in wanted or rel in done:
@@ -437,7 +590,11 @@ def _pull_batch(conn: ssh.Connection, remote_root: str, local_root: Path, batch:
                 if not member.isreg():
                     tally.refused.append(Refusal(rel, "changed into a symlink or special file while listed"))
                     continue
-                local = _local_target(local_root, rel)
+                try:
+                    local = _local_target(local_root, rel)
+                except UnsafePath as exc:
+                    tally.refused.append(Refusal(rel, str(exc)))
+                    continue
                 local.parent.mkdir(parents=True, exist_ok=True)
                 partial = _partial_path(local)
                 source = archive.extractfile(member)
@@ -452,7 +609,7 @@ def _pull_batch(conn: ssh.Connection, remote_root: str, local_root: Path, batch:
                 done.add(rel)
         chan.recv_exit_status()
     except tarfile.ReadError as exc:
-        raise UserError(f"{conn.endpoint.name}: tar stream of the run directory unreadable: {exc}",
+        raise UserError(f"{host}: tar stream of the run directory unreadable: {exc}",
                         hint="is GNU or BSD tar installed on the host?") from None
     finally:
         chan.close()
@@ -461,36 +618,33 @@ def _pull_batch(conn: ssh.Connection, remote_root: str, local_root: Path, batch:
             tally.pending.append(rel)  # gone or unreadable on the host since the listing
 
 
-def _pull_plain(sftp, remote_root: str, local_root: Path, remote: _RemoteFile, tally: _Tally) -> None:
+def _plan_plain(sftp: paramiko.SFTPClient, remote_root: str, local_root: Path, remote: _RemoteFile,
+                tally: _Tally) -> _Stream | None:
+    """Decide how a file outside the checkpoints moves; None when it does not (up to date or refused)."""
     try:
         local = _local_target(local_root, remote.rel)
     except UnsafePath as exc:
         tally.refused.append(Refusal(remote.rel, str(exc)))
-        return
+        return None
     remote_path = f"{remote_root}/{remote.rel}"
     local.parent.mkdir(parents=True, exist_ok=True)
-    have = local.stat().st_size if local.is_file() else 0
     if local.exists() and not local.is_file():
         tally.refused.append(Refusal(remote.rel, "local path exists and is not a regular file"))
-        return
-    if remote.rel.endswith(APPEND_ONLY_SUFFIXES) and 0 < have <= remote.size and _same_tail(
-            sftp, remote_path, local, have):
-        if have == remote.size:
-            tally.skipped += 1
-            return
-        with open(local, "ab") as dest:
-            tally.bytes_moved += _fetch_range(sftp, remote_path, dest, have, remote.size)
-        tally.moved.append(remote.rel)
-        return
+        return None
+    have = local.stat().st_size if local.is_file() else 0
+    # Size and mtime as on the host (set after every fetch and append): nothing to do,
+    # and no round trip, which matters with thousands of log files.
     if local.is_file() and have == remote.size and int(local.stat().st_mtime) == remote.mtime:
         tally.skipped += 1
-        return
-    partial = _partial_path(local)
-    with open(partial, "wb") as dest:
-        tally.bytes_moved += _fetch_range(sftp, remote_path, dest, 0, remote.size)
-    os.utime(partial, (remote.mtime, remote.mtime))
-    os.replace(partial, local)
-    tally.moved.append(remote.rel)
+        return None
+    if remote.rel.endswith(APPEND_ONLY_SUFFIXES) and 0 < have <= remote.size and _same_tail(
+            sftp, remote_path, local, have):
+        if have < remote.size:
+            return _Stream(remote.rel, remote_path, local, remote.size, remote.mtime, append_from=have)
+        tally.skipped += 1
+        os.utime(local, (remote.mtime, remote.mtime))
+        return None
+    return _Stream(remote.rel, remote_path, local, remote.size, remote.mtime)
 
 
 def _same_tail(sftp, remote_path: str, local: Path, have: int) -> bool:

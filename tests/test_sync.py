@@ -233,10 +233,11 @@ def test_a_corrupt_partial_file_fails_the_checksum_and_is_never_put_in_place(rem
 
 
 @pytest.mark.ssh
-def test_a_transfer_cut_by_a_dropped_link_resumes_and_completes(remote, tmp_path):
+def test_transfers_cut_by_a_dropped_link_resume_and_complete(remote, tmp_path):
     host, conn, run_dir = remote
-    data = os.urandom(64 * 2**20)
-    write_checkpoint(conn, run_dir, 100, {"model.safetensors": data})
+    data = os.urandom(48 * 2**20)
+    others = {"optimizer.pt": os.urandom(12 * 2**20), "rng.pt": os.urandom(4 * 2**20)}  # streamed beside it
+    write_checkpoint(conn, run_dir, 100, {"model.safetensors": data, **others})
     local = tmp_path / "run"
     partial = local / "checkpoints/step-0000100/.model.safetensors.partial"
 
@@ -260,8 +261,8 @@ def test_a_transfer_cut_by_a_dropped_link_resumes_and_completes(remote, tmp_path
     report = sync.pull(conn, run_dir, local)
     cutter.join()
     assert report.ok and reconnects
-    assert (local / "checkpoints/step-0000100/model.safetensors").read_bytes() == data
-    assert (local / "checkpoints/step-0000100/manifest.json").exists()
+    assert tree(local) == remote_tree(conn, run_dir)
+    assert not list(local.rglob("*.partial"))
 
 
 @pytest.mark.ssh
@@ -291,6 +292,20 @@ def test_a_log_rewritten_from_scratch_is_fetched_whole(remote, tmp_path):
     put(conn, f"{run_dir}/metrics.jsonl", b'{"step": 9}\n' * 20)
     sync.pull(conn, run_dir, local)
     assert (local / "metrics.jsonl").read_bytes() == b'{"step": 9}\n' * 20
+
+
+@pytest.mark.ssh
+def test_a_log_rewritten_to_the_same_size_is_fetched_again(remote, tmp_path):
+    _, conn, run_dir = remote
+    local = tmp_path / "run"
+    put(conn, f"{run_dir}/logs/train.log", b"a" * 10_000)
+    sync.pull(conn, run_dir, local)
+    put(conn, f"{run_dir}/logs/train.log", b"b" * 10_000)
+    later = conn.sftp().stat(f"{run_dir}/logs/train.log").st_mtime + 10  # a new mtime, as a later write has
+    conn.sftp().utime(f"{run_dir}/logs/train.log", (later, later))
+    report = sync.pull(conn, run_dir, local)
+    assert report.moved == ("logs/train.log",)
+    assert (local / "logs/train.log").read_bytes() == b"b" * 10_000
 
 
 @pytest.mark.ssh
