@@ -242,7 +242,8 @@ async def test_dispatch_quickstart_to_local_cancel_resume_watch_it_finish_and_co
 
     The native backend keeps it short (no image to build); a small budget comes in
     through the same --set overrides as on the command line. The cancel lands after
-    the first logged step, so the resume continues from the checkpoint it wrote.
+    the first logged step (logged every 2 of 15), so the resume continues from the
+    checkpoint the cancel wrote.
     """
     for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
@@ -252,7 +253,7 @@ async def test_dispatch_quickstart_to_local_cancel_resume_watch_it_finish_and_co
     from tui.app import Settings
 
     app = RunnerApp(Settings(jobs_dir=REPO / "jobs", hosts_file=hosts_file, store_path=tmp_path / "runs.db",
-                             sets=("budget.tokens=30k", "backend=native")))
+                             sets=("budget.tokens=30k", "backend=native", "train.log_every_steps=2")))
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot)
         options = app.screen.query_one("OptionList")
