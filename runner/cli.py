@@ -275,6 +275,10 @@ def render_plans(out: Console, job: Any, plans: list[Plan], *, breakdown: bool) 
 
     shown: set[str] = set()
     for p in plans:
+        if p.parallelism_reason:
+            unit = "processes" if p.device == "cpu" else "GPUs"
+            where = f"{p.gpus} {unit}" + (f" on each of {p.nodes} hosts" if p.nodes > 1 else "")
+            out.print(f"  {p.host}: {where}, the batch is per process; {p.parallelism_reason}")
         for reason in p.reasons:
             out.print(f"  [red]x[/red] {p.host}: {reason}")
         for fix in p.fixes:
@@ -463,11 +467,12 @@ def report_runs(args: argparse.Namespace, store: Any, runs: list) -> int:
     return EXIT_FAILED
 
 
-@command("run", "plan a job, then run it here in a container or natively, and record the run",
+@command("run", "plan a job, then run it in a container (or natively), here or on SSH hosts, and record the run",
          arg("job", metavar="JOB", nargs="+", help="job files (several with --hosts)"),
          arg("--experiment", metavar="NAME", help="run only this experiment of the job file"),
          arg("--host", default="local", help="where to run (default: local)"),
-         arg("--hosts", metavar="A,B", help="spread the runs over these hosts, one per free GPU, all at once"),
+         arg("--hosts", metavar="A,B", help="spread the runs over these hosts, one per free GPU, all at once "
+             "(several JOB files go to free hosts the same way)"),
          arg("--backend", choices=["docker", "native"], help="force a backend (default: from the host's profile)"),
          arg("--force", action="store_true", help="run even when the planner refuses the job"),
          *SET_ARGS, *WAIT_ARGS, *STORE_ARGS)
@@ -708,7 +713,7 @@ def run_spread(args: argparse.Namespace, inventory: Any) -> int:
     hosts = [h.strip() for h in (args.hosts or args.host).split(",") if h.strip()]
     store = open_store(args)
     prepared = dispatch.spread(store, args.job, hosts, experiment=args.experiment, sets=args.sets,
-                               force=args.force, inventory=inventory)
+                               force=args.force, backend=args.backend, inventory=inventory)
     runs = [dispatch.launch(store, prep) for prep in prepared]
     if not args.detach:
         try:

@@ -509,7 +509,6 @@ def resume_remote(store: Store, run: Run, *, host: str | None = None, say: Say =
     the target host unless it has it (with the rest of the run directory when
     the run moves), so the trainer continues from the newest one on either side.
     """
-    from runner import ssh
     from runner.backends.ssh import newest_complete_checkpoint, remote_has_image
 
     if run.state == "succeeded":
@@ -524,15 +523,20 @@ def resume_remote(store: Store, run: Run, *, host: str | None = None, say: Say =
     family = images.family_for(hw.profile)
     if family is None:
         raise UserError(f"profile {hw.profile.id} of {target.name} runs natively, not in a container", field="host")
+    planned = catalog_profile(run.profile)
+    if hw.profile.device != planned.device:
+        raise UserError(f"run {run.id} was planned for {planned.device} ({planned.id}); {target.name} trains on "
+                        f"{hw.profile.device} ({hw.profile.id})", field="host",
+                        hint="resume it on a host of the same kind, or start a new run there")
     local_dir = Path(run.run_dir)
     try:
         backend.pull(run.host, run.id, local_dir)
         if run.handle:
             backend.release(run.handle)  # a container left behind by an unreachable host must not write on
-    except (ssh.ConnectionLost, ssh.CommandTimeout) as exc:
+    except UserError as exc:  # the old host does not answer, or is no longer in the inventory
         if target.name == run.host:
             raise
-        say(f"{run.host} does not answer ({exc.message}); continuing from what is here")
+        say(f"{run.host}: {exc.message}; continuing from what is here")
     newest = newest_complete_checkpoint(local_dir)
     where = f"from {newest.name}" if newest else "from the start (no checkpoint)"
     image = images.image_for(family)
@@ -573,7 +577,8 @@ def free_slots(store: Store, host: Host) -> int:
 
 
 def spread(store: Store, job_files: list[str | Path], hosts: list[str], *, experiment: str | None = None,
-           sets: list[str] | None = None, force: bool = False, inventory: Inventory | None = None) -> list[Prepared]:
+           sets: list[str] | None = None, force: bool = False, backend: str | None = None,
+           inventory: Inventory | None = None) -> list[Prepared]:
     """Place every experiment of the job files on a free host: one run per GPU unless it asks for more.
 
     Hosts with the most free GPUs are tried first; a host whose planner refuses
@@ -594,7 +599,7 @@ def spread(store: Store, job_files: list[str | Path], hosts: list[str], *, exper
                     continue
                 try:
                     (prep,) = prepare(job_file, experiment=name, host=host, sets=sets, force=force,
-                                      inventory=inventory)
+                                      backend=backend, inventory=inventory)
                 except UserError as exc:
                     if exc.exit_code != EXIT_REFUSED:
                         raise
