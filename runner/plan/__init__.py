@@ -169,7 +169,8 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
             runtime_bytes=prof.runtime_bytes, optimizer=variant.optimizer,
             gradient_checkpointing=variant.gradient_checkpointing, grad_accum=variant.grad_accum,
             lora=lora_shape, quantization=variant.quantization,
-            shards=world if layout == "fsdp" and lora_shape is None else 1, gradient_buckets=layout == "ddp")
+            shards=world if layout == "fsdp" and lora_shape is None else 1, gradient_buckets=layout == "ddp",
+            compiled=compile_)
 
     def variant(micro_batch: int, grad_accum: int) -> Variant:
         return Variant(micro_batch, grad_accum, train.gradient_checkpointing, train.optimizer,
@@ -306,8 +307,8 @@ def _auto_batch(trial, hw: Hardware, seq_len: int, grad_accum: int, tokens_per_s
     target = math.ceil(tokens_per_step / (seq_len * gpus)) if tokens_per_step else None
     limit = min(MAX_AUTO_MICRO_BATCH, target or MAX_AUTO_MICRO_BATCH)
 
-    def ok(mb: int) -> bool:
-        m = trial(mb, grad_accum)
+    def ok(mb: int) -> bool:  # with the accumulation it will get: more than one keeps gradients resident
+        m = trial(mb, math.ceil(target / mb) if target else grad_accum)
         return m.margin_bytes >= AUTO_MARGIN * m.capacity_bytes
 
     low, high = 1, limit  # the answer is 1 even when nothing fits: the plan then says so

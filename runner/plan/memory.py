@@ -20,9 +20,13 @@ two blocks: the one running and the one prefetched) and one block's unsharded
 fp32 gradients before they are reduce-scattered. FSDP casts the gathered
 parameters to the compute dtype itself, so autocast makes no copies.
 
-Activation bytes per token and layer count what autograd saves in eager mode
-for the Hugging Face GPT-2 and LLaMA blocks (see ``_ACTIVATION``); torch.compile
-usually saves less, so the estimate errs on the safe side there.
+Activation bytes per token and layer are what autograd saves for the Hugging
+Face GPT-2 and LLaMA blocks, in eager mode and under torch.compile (which saves
+far less: it fuses the loss and recomputes pointwise work); see ``_ACTIVATION``.
+Every constant below was fitted to the peak memory the trainer reached on an
+H100 80GB (torch 2.11+cu130, transformers 5.17) on 2026-11-24, measured by
+``bench/gpu_memory_matrix.py``: docs/benchmarks.md, "GPU memory", has the tables,
+and ``bench/results/`` the raw figures.
 """
 
 from __future__ import annotations
@@ -34,24 +38,44 @@ from runner.presets import ModelShape
 
 Device = Literal["cuda", "mps", "cpu"]
 
-# Bytes saved per token per layer, as coefficients of (hidden, kv width, MLP width).
-# LLaMA under autocast, fp32 residual stream: each RMSNorm keeps its fp32 input and
-# normalised output and the bf16 cast the projections read (10h each); q/k/v outputs,
-# the rotate_half copies RoPE saves and the casts SDPA saves (2h + 8kv), the SDPA
-# output and o_proj's contiguous input (4h); the gated MLP keeps gate, up, silu(gate)
-# and their product (8i). In fp32 there are no casts but every tensor is 4 B.
-# GPT-2: LayerNorm keeps only its input (plus the cast), c_attn's fused q/k/v output,
-# and gelu_new's python formula saves five 4h-wide tensors.
-_ACTIVATION: dict[tuple[str, bool], tuple[float, float, float]] = {
-    ("llama", True): (30, 8, 8),
-    ("llama", False): (36, 16, 16),
-    ("gpt2", True): (22, 0, 10),
-    ("gpt2", False): (36, 0, 20),
+# Bytes saved per token per layer, as coefficients of (hidden, kv width, MLP width),
+# keyed by (family, mode). Modes: "autocast" (bf16/fp16 over fp32 weights, fp32
+# residual stream), "fp32", "half-base" (LoRA over a bf16/fp16 base: 2 B residual
+# stream) and "compiled" (torch.compile under autocast).
+# llama/autocast: each RMSNorm keeps the fp32 residual, its normalised output and the
+# bf16 cast the projections read (10h each), then q, the SDPA and o_proj inputs, and
+# the gated MLP's gate, up, silu(gate) and product (8i). Fitted to d12 and d20 at seq
+# 2048 and llama-1b at seq 512 and 2048 (within 1.3% per layer; the kv and MLP terms
+# cannot be told apart on these shapes, so the MLP keeps its derived 8i).
+# llama/fp32: 4 B everywhere, no casts; fitted to d20 fp32 at seq 1024.
+# llama/half-base: the RMSNorm's fp32 upcast of a 2 B input is a new tensor; fitted
+# to llama-7b LoRA (fp16 base) at seq 1024, within 0.2%.
+# gpt2/autocast: gelu_new's python formula saves five 4h-wide tensors (10i); the rest
+# fitted to gpt2-124m and gpt2-355m at seq 1024 (84h per layer with i = 4h).
+# gpt2/fp32: gpt2-124m fp32 at seq 1024 (the MLP term doubled from autocast's).
+# compiled: gpt2-124m and d12 at seq 1024 under torch.compile, with the loss term
+# below, rounded up (the two shapes cannot separate hidden from MLP terms).
+# No measurement covers gpt2 with a half base or fp32 under compile: those take the
+# nearest mode that saves more (autocast, fp32).
+_ACTIVATION: dict[tuple[str, str], tuple[float, float, float]] = {
+    ("llama", "autocast"): (30, 4, 8),
+    ("llama", "fp32"): (32, 8, 16),
+    ("llama", "half-base"): (19, 4, 8),
+    ("llama", "compiled"): (10, 4, 4),
+    ("gpt2", "autocast"): (44, 0, 10),
+    ("gpt2", "half-base"): (44, 0, 10),
+    ("gpt2", "fp32"): (32, 0, 20),
+    ("gpt2", "compiled"): (12, 0, 4),
 }
-# Loss buffers per token per vocabulary entry: the logits (2 B under autocast), the
-# fp32 log-softmax output cross-entropy saves, and in backward its incoming and
-# outgoing fp32 gradients. In fp32 the logits are 4 B and there is no upcast copy.
-_LOGITS_BYTES = {True: 2 + 4 + 4 + 4, False: 4 + 4 + 4 + 4}
+# Loss buffers per token per vocabulary entry at their peak, at the start of backward,
+# keyed by (autocast, compiled): eager cross-entropy holds the fp32 log-softmax
+# output while its incoming and outgoing fp32 gradients exist (12 B; the bf16 logits
+# and their fp32 copy are freed after forward). Fitted: 11.9-12.0 B from gpt2-124m and
+# gpt2-355m with and without checkpointing (bf16, fp16) and d20 with checkpointing,
+# where the loss alone sets the peak. Under torch.compile the loss is fused: the
+# bf16 logits and their gradient, 4 B, from the compiled gpt2-124m and d12 runs.
+# fp32 under compile is not measured: 8 B, the same tensors at 4 B.
+_LOGITS_BYTES = {(True, False): 12, (False, False): 12, (True, True): 4, (False, True): 8}
 _OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 4}
 # torch's foreach AdamW (CPU, MPS) builds one fp32 temporary the size of the parameters
 # (sqrt of the second moment) while it steps; the fused CUDA kernel builds none.
@@ -59,7 +83,19 @@ _FOREACH_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0, "sgd": 0}
 # bitsandbytes: int8 weights; NF4 packs two weights per byte, with double quantization
 # an 8-bit absmax per 64 weights and an fp32 scale per 256 absmaxes.
 _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
-ALLOCATOR_HEADROOM = 0.10  # the caching allocator's fragmentation: reserved exceeds allocated by ~5-15%
+# The caching allocator's fragmentation: max reserved over max allocated was 1.02-1.07
+# (median 1.04) over the 13 matrix runs without checkpointing. With checkpointing the
+# loss's multi-GiB buffers, freed before the layers are recomputed, are carved up by
+# the recomputation and backward and not reused whole: 1.13 and 1.22 for GPT-2 (whose
+# loss dominates), 1.04-1.09 where it does not; 10% of the loss buffers on top covers both.
+ALLOCATOR_HEADROOM = 0.05
+CHECKPOINTING_LOSS_HEADROOM = 0.10
+# Taken on CUDA beyond the catalog's context figure (measured right after the context is
+# made): kernels loaded lazily by the first training step, 240 MiB outside torch's
+# allocator (767 MiB at the end less the 527 MiB context, every matrix run), and the
+# cuBLAS/cuBLASLt workspaces torch allocates at the first matmul, 64-70 MiB in tensors.
+CUDA_KERNELS_BYTES = 240 * 2**20
+CUBLAS_WORKSPACE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -111,8 +147,8 @@ class MemoryBreakdown:
     optimizer_bytes: int
     master_weights_bytes: int  # 0 under the trainer's convention: parameters are already fp32
     optimizer_step_bytes: int  # transient while the optimizer steps
-    activations_bytes: int
-    activations_per_layer_bytes: int  # one layer's saved activations without checkpointing
+    activations_bytes: int  # with checkpointing: every layer's input and the final norm
+    activations_per_layer_bytes: int  # one layer's saved activations (recomputed one at a time with checkpointing)
     logits_bytes: int  # logits, fp32 upcast for cross-entropy, and their gradients
     lora_bytes: int  # adapter weights (their gradients and states are in gradients/optimizer)
     runtime_bytes: int  # CUDA context and kernels, or Metal's / the CPU runtime's working set
@@ -136,10 +172,19 @@ class MemoryBreakdown:
         released; with accumulation they are already there when backward starts.
         """
         resident = self.weights_bytes + self.lora_bytes + self.optimizer_bytes + self.master_weights_bytes
-        saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
+        if self.gradient_checkpointing:
+            # The loss's buffers are gone before the first layer is recomputed. Gradients
+            # fill in while the layers' inputs are freed; counting both whole, with one
+            # recomputed layer, is the bound that the llama-1b run measured 7% under.
+            saved = self.weight_copies_bytes + self.activations_bytes + max(
+                self.logits_bytes, self.activations_per_layer_bytes)
+            late = self.gradients_bytes + self.activations_bytes + self.activations_per_layer_bytes
+        else:
+            saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
+            late = self.gradients_bytes
         if self.grad_accum > 1 or self.gradient_buckets:
             return resident + saved + self.gradients_bytes
-        return resident + max(saved, self.gradients_bytes)
+        return resident + max(saved, late)
 
     @property
     def step_peak_bytes(self) -> int:
@@ -182,11 +227,14 @@ class MemoryBreakdown:
             ("optimizer states", self.optimizer_bytes, f"per trainable param{sharded}"),
             ("fp32 master weights", self.master_weights_bytes, "none: parameters are fp32 already"),
             ("activations", self.activations_bytes,
-             f"{ckpt} checkpointing; {self.activations_per_layer_bytes / 2**20:,.0f} MiB per layer unchecked"),
+             f"{ckpt} checkpointing; {self.activations_per_layer_bytes / 2**20:,.0f} MiB per layer"
+             + (", one layer recomputed at a time" if self.gradient_checkpointing else "")),
             ("logits and loss", self.logits_bytes, "logits, fp32 log-softmax, their gradients"),
             ("optimizer step temporary", self.optimizer_step_bytes, "only while stepping"),
-            ("allocator headroom", self.headroom_bytes, f"{ALLOCATOR_HEADROOM:.0%} of allocated"),
-            ("runtime", self.runtime_bytes, "CUDA context" if self.device == "cuda" else f"{self.device} runtime"),
+            ("allocator headroom", self.headroom_bytes, f"{ALLOCATOR_HEADROOM:.0%} of allocated"
+             + (f" + {CHECKPOINTING_LOSS_HEADROOM:.0%} of the loss buffers" if self.gradient_checkpointing else "")),
+            ("runtime", self.runtime_bytes, "CUDA context, kernels, cuBLAS workspaces" if self.device == "cuda"
+             else f"{self.device} runtime"),
         ]
 
 
@@ -208,6 +256,7 @@ def estimate_memory(
     quantization: str = "none",
     shards: int = 1,
     gradient_buckets: bool = False,
+    compiled: bool = False,
 ) -> MemoryBreakdown:
     """The memory one device needs to train ``shape`` at this micro-batch and sequence length.
 
@@ -225,7 +274,8 @@ def estimate_memory(
         trainable = params
         weight_bpp = 4.0
         weights = 4 * params
-        copies = 2 * matmul_params if autocast else 0
+        # Checkpointed layers recompute their casts in backward; only the head's copy is held.
+        copies = (2 * (head if gradient_checkpointing else matmul_params)) if autocast else 0
         adapters = 0
     else:
         trainable = lora_params(shape, lora)
@@ -253,15 +303,18 @@ def estimate_memory(
         step_temp = -(-step_temp // shards)
 
     tokens = micro_batch * seq_len
-    per_layer = int(tokens * activation_bytes_per_token_layer(shape, autocast))
     residual_bytes = 4 if (lora is None or not autocast or device == "cpu") else 2
+    mode = activation_mode(autocast=autocast, half_base=residual_bytes == 2, compiled=compiled and device == "cuda")
+    per_layer = int(tokens * activation_bytes_per_token_layer(shape, mode))
     final_norm = tokens * shape.hidden * (residual_bytes * 2 + (2 if autocast else 0))
     if gradient_checkpointing:
-        # Each layer keeps its input; backward recomputes one layer at a time.
-        activations = shape.layers * tokens * shape.hidden * residual_bytes + per_layer + final_norm
+        # Each layer keeps its input; backward recomputes one layer at a time (backward_peak_bytes).
+        activations = shape.layers * tokens * shape.hidden * residual_bytes + final_norm
     else:
         activations = shape.layers * per_layer + final_norm
-    logits = tokens * shape.vocab_size * _LOGITS_BYTES[autocast]
+    logits = tokens * shape.vocab_size * _LOGITS_BYTES[(autocast, compiled and device == "cuda")]
+    if device == "cuda":
+        runtime_bytes += CUDA_KERNELS_BYTES + CUBLAS_WORKSPACE_BYTES
 
     partial = MemoryBreakdown(
         params=params, trainable_params=trainable, weights_bytes=weights, weight_copies_bytes=copies,
@@ -272,13 +325,25 @@ def estimate_memory(
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
         grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
     )
-    headroom = int(partial.allocated_bytes * ALLOCATOR_HEADROOM) if device != "cpu" else 0
+    headroom = 0
+    if device != "cpu":
+        headroom = int(partial.allocated_bytes * ALLOCATOR_HEADROOM
+                       + (logits * CHECKPOINTING_LOSS_HEADROOM if gradient_checkpointing else 0))
     return replace(partial, headroom_bytes=headroom)
 
 
-def activation_bytes_per_token_layer(shape: ModelShape, autocast: bool) -> float:
+def activation_mode(*, autocast: bool, half_base: bool, compiled: bool) -> str:
+    """Which of ``_ACTIVATION``'s measured modes a run is in."""
+    if not autocast:
+        return "fp32"
+    if compiled:
+        return "compiled"
+    return "half-base" if half_base else "autocast"
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, mode: str) -> float:
     """Bytes one layer saves for backward per token (SDPA attention: no seq^2 term)."""
-    c_h, c_kv, c_i = _ACTIVATION[("gpt2" if shape.arch == "gpt2" else "llama", autocast)]
+    c_h, c_kv, c_i = _ACTIVATION[("gpt2" if shape.arch == "gpt2" else "llama", mode)]
     kv = shape.kv_heads * shape.head_dim
     return c_h * shape.hidden + c_kv * kv + c_i * shape.intermediate
 
