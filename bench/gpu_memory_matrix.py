@@ -91,6 +91,7 @@ sys.path.insert(0, str(ROOT))
 from runner.hosts import Host  # noqa: E402
 from runner.plan import Measured, Plan, plan_job  # noqa: E402
 from runner.plan.cost import executed_flops_per_token  # noqa: E402
+from runner.plan.memory import CUDA_KERNELS_BYTES  # noqa: E402
 from runner.presets import ModelShape  # noqa: E402
 from runner.spec import Experiment, Job, resolve_shape  # noqa: E402
 from runner.yamldoc import Doc  # noqa: E402
@@ -122,7 +123,6 @@ class Config:
     cap_bytes: int | None = None  # allocator cap for the emulated card; None: the whole GPU
     warmup_steps: int = 3
     timed_steps: int = 5
-    reference: bool = False  # probes the host's speed for its precision
     tiny: bool = False
 
     @property
@@ -141,9 +141,9 @@ def matrix() -> list[Config]:
     """
     c = Config
     return [
-        c("gpt2-124m", 1024, 16, "bf16", compile=True, reference=True),
-        c("gpt2-124m", 1024, 16, "fp16", reference=True),
-        c("gpt2-124m", 1024, 8, "fp32", reference=True),
+        c("gpt2-124m", 1024, 16, "bf16", compile=True),
+        c("gpt2-124m", 1024, 16, "fp16"),
+        c("gpt2-124m", 1024, 8, "fp32"),
         c("llama-7b", 512, 4, "fp16", checkpointing=True, lora=True),
         c("llama-7b", 1024, 2, "fp16", lora=True),
         c("gpt2-124m", 1024, 16, "bf16"),
@@ -240,22 +240,33 @@ def prediction(config: Config, plan: Plan) -> dict:
 
 
 class ProbedThroughput:
-    """The planner's ThroughputSource for a host probed once: a reference run's executed FLOP/s per precision.
+    """The planner's ThroughputSource for a host probed once: the probe run's executed FLOP/s.
 
-    The hook's arguments do not say whether the job uses LoRA or checkpointing,
-    which change the FLOPs a token costs, so one of these is made per job.
+    Scaled to the job's executed FLOPs per token (LoRA and checkpointing change it),
+    as the calibration from ``runner probe`` scales a probed shape.
     """
 
-    def __init__(self, flops_per_s: dict[str, float], sources: dict[str, str], *, lora: bool, checkpointing: bool):
-        self.flops_per_s, self.sources = flops_per_s, sources
-        self.lora, self.checkpointing = lora, checkpointing
+    def __init__(self, flops_per_s: float, source: str):
+        self.flops_per_s, self.source = flops_per_s, source
 
-    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str) -> Measured | None:
-        rate = self.flops_per_s.get(precision)
-        if rate is None:
-            return None
-        per_token = executed_flops_per_token(shape, seq_len, lora=self.lora, gradient_checkpointing=self.checkpointing)
-        return Measured(tokens_per_s=rate / per_token, source=f"probed by {self.sources[precision]}")
+    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str, *,
+                 lora: bool = False, gradient_checkpointing: bool = False, **_: object) -> Measured | None:
+        per_token = executed_flops_per_token(shape, seq_len, lora=lora, gradient_checkpointing=gradient_checkpointing)
+        return Measured(tokens_per_s=self.flops_per_s / per_token, source=f"probed by {self.source}")
+
+
+def config_of(entry: dict) -> Config:
+    """An entry's configuration (results saved before a field was dropped still load)."""
+    return Config(**{k: v for k, v in entry["config"].items() if k in Config.__dataclass_fields__})
+
+
+def probe_key(config: Config) -> tuple[str, bool, bool]:
+    """What one probe run stands for: a model shape, compiled or not, fp32 or autocast.
+
+    Compilation doubles the speed of small models and fp32 has its own peak, so
+    neither can be predicted from the other; precisions under autocast share one.
+    """
+    return config.model, config.compile, config.precision == "fp32"
 
 
 def executed_flops(config: Config) -> float:
@@ -338,7 +349,9 @@ def run_one(config: Config, device_kind: str) -> dict:
         out.update(device_name=torch.cuda.get_device_name(device), total_bytes=total, baseline_bytes=baseline,
                    context_bytes=context, context_smi_process_bytes=smi_process_bytes())
         if config.cap_bytes:
-            fraction = (config.cap_bytes - context) / total
+            # What the card leaves torch's allocator: its capacity less the context and the kernels
+            # the first step loads (outside the allocator, so a cap cannot stop them).
+            fraction = (config.cap_bytes - context - CUDA_KERNELS_BYTES) / total
             torch.cuda.set_per_process_memory_fraction(fraction, device)
             out.update(cap_bytes=config.cap_bytes, memory_fraction=fraction)
 
@@ -373,8 +386,14 @@ def run_one(config: Config, device_kind: str) -> dict:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
         out["phase"] = "warmup"
+        if cuda:  # weights (and adapters) alone; the optimizer's states appear at its first step
+            out["allocated_built_bytes"] = torch.cuda.memory_allocated(device)
         for i in range(config.warmup_steps):
             engine.step(batch(i), 1, 3e-4)
+            if cuda and i == 0:  # what stays between steps: weights and optimizer states, gradients freed
+                torch.cuda.synchronize(device)
+                out["allocated_between_steps_bytes"] = torch.cuda.memory_allocated(device)
+                out["first_step_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         out["phase"] = "timed"
         if cuda:
             torch.cuda.synchronize(device)
@@ -518,24 +537,25 @@ def record(part: str, config: Config, measured: dict | None) -> dict:
 
 
 def calibrate(entries: list[dict]) -> dict[str, str]:
-    """Probe with each precision's reference run, then re-plan every other run's speed through the hook."""
-    flops_per_s: dict[str, float] = {}
-    sources: dict[str, str] = {}
+    """Probe with the first run of each probe key, then re-plan every other run's speed through the hook."""
+    probes: dict[tuple, tuple[float, str]] = {}
     for e in entries:
-        m, c = e["measured"], e["config"]
-        if c["reference"] and m and m.get("tokens_per_s") and m.get("device") == "cuda":
-            flops_per_s[c["precision"]] = m["tokens_per_s"] * e["executed_flops_per_token"]
-            sources[c["precision"]] = e["name"]
+        m, config = e["measured"], config_of(e)
+        e["reference"] = False
+        if e["part"] == "matrix" and m and m.get("tokens_per_s") and m.get("device") == "cuda" \
+                and probe_key(config) not in probes:
+            probes[probe_key(config)] = (m["tokens_per_s"] * e["executed_flops_per_token"], e["name"])
+            e["reference"] = True
     for e in entries:
-        m, config = e["measured"], Config(**e["config"])
-        if not m or e["config"]["reference"] or config.precision not in flops_per_s:
+        m, config = e["measured"], config_of(e)
+        if not m or e["reference"] or probe_key(config) not in probes or m.get("device") != "cuda":
             continue
-        probe = ProbedThroughput(flops_per_s, sources, lora=config.lora, checkpointing=config.checkpointing)
+        probe = ProbedThroughput(*probes[probe_key(config)])
         plan = plan_for(config, H100, throughput=probe)
         step = tokens_per_step(config) / plan.tokens_per_s
         e["predicted_probed"] = {"tokens_per_s": plan.tokens_per_s, "step_s": step, "source": plan.throughput_source}
         e["error_pct"]["step_probed"] = pct(step, m.get("mean_step_s"))
-    return sources
+    return {"/".join(map(str, key)): name for key, (_, name) in probes.items()}
 
 
 def write_json(path: Path, data) -> None:
@@ -574,7 +594,7 @@ def table(entries: list[dict]) -> str:
         m, p = e["measured"] or {}, e["predicted"]
         err = e.get("error_pct") or {}
         probed = (e.get("predicted_probed") or {}).get("step_s")
-        if e["config"]["reference"]:
+        if e.get("reference"):
             step_err = "ref"
         else:
             step_err = fmt(err.get("step_probed"), "+.1f")
@@ -597,6 +617,30 @@ def table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def report_line(summary: dict, device: str | None) -> str:
+    s = summary
+    return (f"{device or 'nothing run'}; peak within 10%: {s['peak_within_10pct']}/{s['peak_compared']} "
+            f"(worst {fmt(s['peak_error_pct_max_abs'], '.1f')}%); probed step time within 15%: "
+            f"{s['step_within_15pct']}/{s['step_compared']}; wrong verdicts: {len(s['wrong_verdicts'])}"
+            f"/{s['verdicts_checked']}; oom {s['oom']}; failed {len(s['failed'])}; not run {len(s['not_run'])}")
+
+
+def replan(paths: list[Path], out: Path | None) -> None:
+    """Re-derive every prediction, error and verdict for saved measurements (the planner is pure Python)."""
+    saved = [json.loads(p.read_text()) for p in paths]
+    entries = [record(e["part"], config_of(e), e["measured"]) for r in saved for e in r["results"]]
+    references = calibrate(entries)
+    summary = summarize(entries)
+    if out:
+        write_json(out / "results.json", {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                                          "replanned_from": [str(p) for p in paths],
+                                          "measured_on": sorted({r["date"] for r in saved}),
+                                          "device": saved[0]["device"], "references": references,
+                                          "summary": summary, "results": entries})
+    print(table(entries))
+    print("\nreplanned: " + report_line(summary, saved[0]["device"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["matrix", "fit24", "fit40", "all"], default="matrix")
@@ -609,6 +653,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540,
                         help="start no configuration after this many seconds; the rest are reported as not run")
     parser.add_argument("--dry-run", action="store_true", help="print the configurations and predictions only")
+    parser.add_argument("--replan", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="no runs: compare saved measurements (results.json) with the planner as it is now")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one configuration as JSON
     args = parser.parse_args()
 
@@ -616,9 +662,12 @@ def main() -> None:
         result = run_one(Config(**json.loads(args.one)), args.device)
         print(RESULT_MARK + json.dumps(result), flush=True)
         return
-    if args.out is None and not args.dry_run:
+    if args.out is None and not (args.dry_run or args.replan):
         parser.error("--out is required")
 
+    if args.replan:
+        replan(args.replan, args.out)
+        return
     parts = ["matrix", "fit24", "fit40"] if args.part == "all" else [args.part]
     planned: list[tuple[str, Config]] = []
     for part in parts:
@@ -661,12 +710,7 @@ def main() -> None:
         write_json(args.out / "results.json", report)
     print()
     print(table(entries))
-    s = summary
-    print(f"\n{report['device'] or 'nothing run'}; peak within 10%: {s['peak_within_10pct']}/{s['peak_compared']} "
-          f"(worst {fmt(s['peak_error_pct_max_abs'], '.1f')}%); probed step time within 15%: "
-          f"{s['step_within_15pct']}/{s['step_compared']}; wrong verdicts: {len(s['wrong_verdicts'])}"
-          f"/{s['verdicts_checked']}; oom {s['oom']}; failed {len(s['failed'])}; not run {len(s['not_run'])}"
-          + (f"; results in {args.out}" if args.out else ""))
+    print("\n" + report_line(summary, report["device"]) + (f"; results in {args.out}" if args.out else ""))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def test_the_matrix_spans_the_models_lengths_and_switches_the_issue_asks_for():
     assert {True, False} == {c.checkpointing for c in configs} == {c.compile for c in configs}
     assert all(c.lora and c.precision == "fp16" for c in configs if c.model == "llama-7b")
     assert len({c.micro_batch for c in configs}) >= 3
-    assert {c.precision for c in configs if c.reference} == {"bf16", "fp16", "fp32"}
+    # Each probe (a shape, compiled or not, fp32 or not) runs before the others of its kind.
+    keys = [bench.probe_key(c) for c in configs]
+    assert len(set(keys)) < len(keys)
 
 
 def test_every_matrix_configuration_is_predicted_to_fit_the_80gb_card_within_the_models_context():
@@ -81,11 +83,20 @@ def test_a_run_that_runs_out_of_memory_or_over_the_cap_does_not_fit():
 def test_the_probe_scales_the_reference_speed_by_executed_flops_per_token():
     reference, other = bench.matrix()[0], bench.Config("llama-1b", 1024, 8, "bf16", checkpointing=True)
     flops_per_s = 100_000 * bench.executed_flops(reference)
-    probe = bench.ProbedThroughput({"bf16": flops_per_s}, {"bf16": reference.name}, lora=False, checkpointing=True)
+    probe = bench.ProbedThroughput(flops_per_s, reference.name)
     plan = bench.plan_for(other, bench.H100, throughput=probe)
     assert plan.tokens_per_s == pytest.approx(flops_per_s / bench.executed_flops(other))
     assert plan.throughput_source == f"probed by {reference.name}"
-    assert probe.measured("h100", bench.H100, None, 1024, "fp16") is None
+
+
+def test_calibration_probes_each_shape_once_and_predicts_the_rest_of_its_kind():
+    first, same_kind = bench.Config("d20", 2048, 4, "bf16"), bench.Config("d20", 2048, 16, "bf16", checkpointing=True)
+    measured = {"status": "ok", "device": "cuda", "peak_bytes": 1, "mean_step_s": 0.1, "tokens_per_s": 81920.0}
+    entries = [bench.record("matrix", c, dict(measured)) for c in (first, same_kind)]
+    references = bench.calibrate(entries)
+    assert references == {"d20/False/False": first.name}
+    assert entries[0]["reference"] and not entries[1]["reference"]
+    assert entries[1]["predicted_probed"]["source"] == f"probed by {first.name}"
 
 
 @pytest.mark.slow
