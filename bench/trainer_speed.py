@@ -6,8 +6,10 @@
 Runs, in one process on random tokens: the HF Trainer with its defaults, the HF
 Trainer with torch_compile=True, and ours (runner.trainer.engine, the code path
 the real trainer steps through: pinned host batches, bf16 autocast over fp32
-weights, fused AdamW, torch.compile). Prints tokens/s, MFU (6N + attention
-FLOPs per token over the card's bf16 dense peak) and peak memory for each.
+weights, the model and loss compiled together, the trainer's causal SDPA so
+that flash attention runs under torch.compile, fused AdamW); the HF runs get
+stock SDPA. Prints tokens/s, MFU (6N + attention FLOPs per token over the
+card's bf16 dense peak) and peak memory for each.
 Needs torch, transformers and accelerate; not `datasets`.
 """
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runner import presets  # noqa: E402
 from runner.trainer.engine import Engine, make_optimizer, set_fast_math  # noqa: E402
 from runner.trainer.metrics import peak_flops, peak_memory_bytes  # noqa: E402
-from runner.trainer.models import config_from_shape  # noqa: E402
+from runner.trainer.models import causal_attention, config_from_shape  # noqa: E402
 
 TINY = {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 256, "vocab_size": 512, "max_positions": 128}
 
@@ -48,15 +50,15 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.data[i], "labels": self.data[i]}
 
 
-def new_model(shape: presets.ModelShape, device: torch.device):
+def new_model(shape: presets.ModelShape, device: torch.device, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config_from_shape(shape), attn_implementation="sdpa").to(device)
+    return AutoModelForCausalLM.from_config(config_from_shape(shape), attn_implementation=attention).to(device)
 
 
 def run_ours(shape, device, precision, batch, seq_len, warmup, steps) -> float:
-    model = new_model(shape, device)
+    model = new_model(shape, device, causal_attention())
     optimizer = make_optimizer([p for p in model.parameters()], "adamw", 3e-4, 0.1, device)
     engine = Engine(model, optimizer, device=device, precision=precision, grad_clip=1.0, compile=device.type == "cuda")
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from runner import presets
 from runner.errors import UserError
 from runner.resolved import ResolvedRun, StagePlan
 from runner.spec import Experiment
-from runner.trainer.models import build_model, config_from_shape, lora_targets
+from runner.trainer.models import CAUSAL_SDPA, build_model, config_from_shape, lora_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -50,7 +50,7 @@ def test_presets_and_nanochat_depths_build_from_config_with_sdpa_attention(name)
     built = build_model(experiment(name), ROOT, CPU, "fp32")
     shape = presets.lookup_preset(name)
     assert sum(p.numel() for p in built.model.parameters()) == shape.param_count()
-    assert built.model.config._attn_implementation == "sdpa"
+    assert built.model.config._attn_implementation == CAUSAL_SDPA
     assert all(p.dtype == torch.float32 for p in built.model.parameters())
 
 
