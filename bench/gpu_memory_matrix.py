@@ -5,6 +5,7 @@
     python bench/gpu_memory_matrix.py --part fit40 --out gpu-fit40     # 15 jobs under a 40 GB cap, ~7 min
     python bench/gpu_memory_matrix.py --part all --dry-run             # the jobs and predictions only, no torch
     python bench/gpu_memory_matrix.py --tiny --device cpu --limit 2 --out x   # a CPU smoke test
+    python bench/gpu_memory_matrix.py --replan RESULTS.json ...         # saved results against today's planner
 
 No configuration starts after ``--budget-s`` (540 s): the rest are listed as
 not run, and ``--only NAME,NAME`` runs them in another invocation. With
@@ -54,14 +55,15 @@ is only ever tried under a cap. A run fits when it finishes and its
 ``peak_bytes`` stays within the capacity; the verdict is right when that agrees
 with ``Plan.fits``. Matrix runs get the same verdict against the whole 80 GB card.
 
-Step-time calibration: the host is "probed" once per precision by a reference
-configuration of the matrix (marked ``ref``). Its executed FLOP/s (tokens/s x
+Step-time calibration: the host is "probed" by the first matrix run of each
+shape, compiled or not, fp32 or not (``probe_key``; marked ``ref``). Its executed FLOP/s (tokens/s x
 executed FLOPs per token, from ``runner.plan.cost``) is handed back to the
 planner through its ``ThroughputSource`` hook, scaled to each other
 configuration's executed FLOPs per token (LoRA, checkpointing), and the
 planner's step time is compared with the measured one (target: within 15%).
 The references run in the matrix part, so the fit parts' step times are only
-calibrated when they run in the same invocation (``--part all``).
+calibrated when they run in the same invocation (``--part all``) or are
+re-planned together with the matrix's results (``--replan``).
 
 Reading the output: one JSON per configuration and ``results.json`` (all of
 them and a summary) under ``--out``; the last lines printed are a table and the
