@@ -53,6 +53,14 @@ def test_plan_json_says_ddp_and_why_for_two_cpu_processes(env):
     assert plan["parallelism_reason"].startswith("DDP: a full copy of the model and its states fits one GPU")
 
 
+def test_plan_says_how_many_processes_and_why_ddp(env):
+    result = runner_cli("plan", QUICKSTART, *TWO_PROCESSES, env=env)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "local: 2 processes, the batch is per process; DDP: a full copy of the model and its states fits one GPU" \
+        in text
+
+
 def test_two_processes_on_a_cpu_host_are_refused_without_the_gloo_test_switch(env):
     result = runner_cli("run", QUICKSTART, "--backend", "native", "--wait", *TWO_PROCESSES[:-2], env=env)
     assert result.returncode == 3
