@@ -1,53 +1,59 @@
 """End to end on this machine: the quickstart on two hosts then `runner compare`; a probe, then a plan that holds.
 
-Both go through the real dispatch path (`runner.dispatch`, as `runner run` does).
-The inventory accepts a single host of kind local, named local; until runs on
-SSH hosts can be dispatched, the second host is a second local entry at another
-price, built without the inventory's validation.
+Both go through the real dispatch path (`runner.dispatch`, as `runner run` does):
+the first test on this machine in a container and on an SSH test host (a real
+sshd in a network namespace, at a rented host's price), the second natively.
 """
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from conftest import OFFLINE_IMAGE_ENV
 
-from runner import capacity, dispatch
+from runner import capacity, dispatch, ssh
+from runner import compare as cmp
 from runner.calibration import Calibration
 from runner.cli import main
-from runner.hosts import Host, Inventory
+from runner.hosts import Host, Inventory, load_inventory
 from runner.plan import plan_job
 from runner.spec import load_jobs
 from runner.store import Store
+from sshhosts import known_hosts_line
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
-
-
-def local_host(name: str, price: float) -> Host:
-    if name == "local":
-        return Host(name=name, kind="local", profile="cpu", price_usd_per_hour=price)
-    return Host.model_construct(name=name, kind="local", profile="cpu", price_usd_per_hour=price, address=None,
-                                user=None, port=22, key=None, gpus=None, memory_bytes=None)
+RENTED_USD_PER_HOUR = 1.8
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("RUNNER_HOME", str(tmp_path))
-    opened = Store.open(tmp_path / "runs.db")
+def store(tmp_home):
+    opened = Store.open()
     yield opened
     opened.close()
 
 
 @pytest.fixture
-def container_backend(trainer_image, monkeypatch) -> str:
-    """docker, on the offline trainer image the session built."""
-    for key, value in OFFLINE_IMAGE_ENV.items():
-        monkeypatch.setenv(key, value)
-    return "docker"
+def two_hosts(tmp_home, ssh_hosts, trainer_image, monkeypatch) -> Inventory:
+    """local (free) and an SSH test host at a rented price, trusted, in a fresh hosts.yaml."""
+    host = ssh_hosts[0]
+    inventory = tmp_home / "hosts.yaml"
+    inventory.write_text(f"hosts:\n  {host.name}:\n    address: {host.address}\n    user: {host.user}\n"
+                         f"    key: {host.client_key_path}\n    profile: cpu\n"
+                         f"    price_usd_per_hour: {RENTED_USD_PER_HOUR}\n")
+    known = ssh.runner_known_hosts_path()
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.write_text(known_hosts_line(host) + "\n")
+    for name, value in {"RUNNER_HOSTS": str(inventory), "RUNNER_SYNC_EVERY_S": "2", **OFFLINE_IMAGE_ENV}.items():
+        monkeypatch.setenv(name, value)
+    yield load_inventory()
+    backend = dispatch._BACKENDS.pop("ssh", None)  # the next test connects afresh
+    if backend is not None:
+        backend.close()
 
 
 def run_job(store, host, inventory, backend, sets):
@@ -58,48 +64,52 @@ def run_job(store, host, inventory, backend, sets):
 
 
 @pytest.mark.docker
-def test_quickstart_on_two_hosts_compares_with_consistent_figures_and_plots_one_line_per_host(store, tmp_path,
-                                                                                             capsys, container_backend):
+@pytest.mark.ssh
+def test_quickstart_here_and_on_a_remote_host_compares_with_consistent_figures_and_plots_one_line_per_host(
+        store, two_hosts, tmp_path, capsys):
     from PIL import Image
 
-    inventory = Inventory({"local": local_host("local", 0.0), "rented": local_host("rented", 1.8)}, None)
-    sets = ["budget.tokens=80k", "eval.every_steps=10", "checkpoint.every_steps=100"]
-    first = run_job(store, "local", inventory, container_backend, sets)
-    second = run_job(store, "rented", inventory, "native", sets)
+    remote = next(name for name in two_hosts.names if name != "local")
+    sets = ["budget.tokens=40k", "eval.every_steps=5", "checkpoint.every_steps=100"]
+    first = run_job(store, "local", two_hosts, "docker", sets)
+    second = run_job(store, remote, two_hosts, None, sets)
 
     plot = tmp_path / "loss.png"
-    assert main(["compare", "--job", "quickstart", "--format", "json", "--plot", str(plot),
-                 "--store", str(store.path)]) == 0
+    assert main(["compare", "--job", "quickstart", "--format", "json", "--plot", str(plot)]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {r["host"]: r for r in report["rows"]}
-    assert set(rows) == {"local", "rented"}
+    assert set(rows) == {"local", remote}
     for run in (first, second):
         row = rows[run.host]
-        summary = json.loads((Path(run.run_dir) / "summary.json").read_text())
+        summary = json.loads((Path(run.run_dir) / "summary.json").read_text())  # the remote one, synced home
         assert row["tokens_per_s"] == summary["tokens_per_s"]
         assert row["tokens"] == summary["tokens"]
         assert row["wall_s"] == pytest.approx(run.wall_s)
         assert row["best_eval_loss"] == pytest.approx(summary["best_eval_loss"])
     assert rows["local"]["cost_usd"] is None  # free: shown as local
-    assert rows["rented"]["cost_usd"] == pytest.approx(1.8 * second.wall_s / 3600)
-    assert rows["rented"]["usd_per_100m_tokens"] == pytest.approx(rows["rented"]["cost_usd"] / second.tokens * 1e8)
+    assert rows[remote]["cost_usd"] == pytest.approx(RENTED_USD_PER_HOUR * second.wall_s / 3600)
+    assert rows[remote]["usd_per_100m_tokens"] == pytest.approx(rows[remote]["cost_usd"] / second.tokens * 1e8)
     (verdict,) = report["verdicts"]
-    assert verdict["cheapest"] == "local"
+    assert verdict["cheapest"] == "local" and verdict["best_loss_per_dollar"] == "local"
+    assert verdict["fastest"] == min(rows.values(), key=lambda r: r["seconds_per_100m_tokens"])["host"]
+    # Priced the other way round, the remote host is the cheap one.
+    found = cmp.records(store, job="quickstart")
+    repriced = [replace(r, price_usd_per_hour=0.01 if r.host == remote else 50.0) for r in found]
+    assert cmp.verdicts(repriced)[0].cheapest.host == remote
 
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(plot).size == (1500, 450)
-    from runner.compare import records
     from runner.plots import curves
 
-    assert sorted(c.label for c in curves(records(store, job="quickstart"))) == ["local", "rented"]
+    assert sorted(c.label for c in curves(found)) == sorted(["local", remote])
 
-    assert main(["compare", first.id, second.id, "--store", str(store.path)]) == 0
+    assert main(["compare", first.id, second.id]) == 0
     table = capsys.readouterr().out
     assert first.id in table and second.id in table and "local" in table
 
 
 def test_after_one_probe_the_plan_for_a_two_minute_job_is_within_15_percent(store):
-    inventory = Inventory({"local": local_host("local", 0.0)}, None)
+    inventory = Inventory({"local": Host(name="local", kind="local", profile="cpu")}, None)
     (probed,) = capacity.probe(store, "local", ["tiny"], [128], steps=40, batch_size=16, backend="native",
                                inventory=inventory, say=lambda _: None)
     assert probed.stable and probed.fits and probed.tokens_per_s > 0
@@ -115,7 +125,9 @@ def test_after_one_probe_the_plan_for_a_two_minute_job_is_within_15_percent(stor
     assert 90 < plan.seconds < 150
 
     run = run_job(store, "local", inventory, "native", sets)
+    assert run.predicted_seconds == pytest.approx(plan.seconds, rel=0.02)  # `runner run` plans as `runner plan` does
     error = (run.wall_s - plan.seconds) / plan.seconds
     print(f"probe {probed.tokens_per_s:.0f} tokens/s, run {run.tokens_per_s:.0f} tokens/s; "
           f"predicted {plan.seconds:.1f}s, measured {run.wall_s:.1f}s: {error:+.1%}")
     assert math.isfinite(error) and abs(error) < 0.15
+    assert [r.run_id for r in cmp.records(store)] == [run.id]  # the probe's own run is no experiment
