@@ -386,6 +386,8 @@ def _pull_once(conn: ssh.Connection, remote_root: str, local_root: Path, tally: 
             streams.append(stream)
         else:
             done.add(rel)
+    # Largest first, so the streams still running at the end are the short ones.
+    streams.sort(key=lambda s: s.size, reverse=True)
     finished = _move(conn, remote_root, local_root, streams, small, tally, done)
     for plan in checkpoints:
         if all(rel in finished for rel in plan.waits_for):
