@@ -33,12 +33,12 @@ from sshhosts import known_hosts_line
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
 # The tiny model on small steps (256 tokens), logging every step and checkpointing every 5. LONG trains
-# until it is cancelled, SHORT for 20 steps, TINY for 5.
+# until it is cancelled, SHORT for 60 steps, TINY for 5.
 EVERY_STEP = ["--set", "train.batch_size=4", "--set", "data.seq_len=64", "--set", "train.log_every_steps=1",
               "--set", "checkpoint.every_steps=5", "--set", "checkpoint.keep_last=3", "--set", "eval.on_start=false",
               "--set", "eval.every_steps=1000", "--set", "eval.max_batches=1"]
 LONG = ["--set", "budget.tokens=5M", *EVERY_STEP]
-SHORT = ["--set", "budget.tokens=5120", *EVERY_STEP]
+SHORT = ["--set", "budget.tokens=15360", *EVERY_STEP]
 TINY = ["--set", "budget.tokens=1280", *EVERY_STEP]
 
 @pytest.fixture
@@ -213,7 +213,8 @@ def test_a_killed_container_is_lost_then_resumes_on_the_other_host_from_its_newe
     (run_id,) = run_ids(capsys.readouterr().out)
     local = Path(store.get(run_id).run_dir)
     far1 = remote_dir(remote["host1"], run_id)
-    wait_for(lambda: len(list(far1.glob("checkpoints/step-*/manifest.json"))) >= 3, 300, "three checkpoints on host1")
+    # Two checkpoints of 12: far from the end, however fast the machine.
+    wait_for(lambda: len(list(far1.glob("checkpoints/step-*/manifest.json"))) >= 2, 300, "two checkpoints on host1")
     for container in docker_engine.containers.list(filters={"label": f"runner.run_id={run_id}"}):
         container.remove(force=True)  # the provider takes the machine back
     run = dispatch.wait(store, run_id)

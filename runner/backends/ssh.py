@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import os
 import posixpath
 import tarfile
@@ -100,7 +101,7 @@ def remote_inputs(conn: ssh.Connection, resolved: ResolvedRun) -> tuple[Resolved
     job_dir = Path(resolved.job_dir)
     mounts: list[tuple[str, str]] = []
     sent = 0
-    slots = iter(range(10**6))
+    slots = itertools.count()
 
     def send(path_text: str, must_exist: bool) -> str | None:
         nonlocal sent
