@@ -337,8 +337,9 @@ def render_breakdown(out: Console, plan: Plan) -> None:
 
     m = plan.memory
     assert m is not None
-    table = Table(title=f"memory on {plan.host} ({plan.profile}, {plan.precision}, "
-                        f"micro-batch {plan.micro_batch} x seq {max(s.seq_len for s in plan.stages)})",
+    shape = (f"micro-batch {plan.micro_batch} x seq {plan.stages[0].seq_len}" if len(plan.stages) == 1
+             else "the curriculum stage that needs the most")
+    table = Table(title=f"memory on {plan.host} ({plan.profile}, {plan.precision}, {shape})",
                   title_justify="left", show_edge=False, box=None, header_style="bold")
     table.add_column("term")
     table.add_column("bytes", justify="right")
