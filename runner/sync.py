@@ -13,7 +13,9 @@ decides what to move:
 - other files move when their size or mtime changed.
 
 Symlinks, special files and any path that would leave the run directory are
-refused, on both sides, and reported.
+refused, on both sides, and reported. The bytes move over exec channels
+(``tail -c +N`` per large file, several at once, and ``tar`` for batches of
+small files), which costs this side much less than SFTP reads; see docs/remote.md.
 """
 
 from __future__ import annotations
