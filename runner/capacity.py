@@ -221,9 +221,16 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
     from runner import dispatch
     from runner.hosts import hardware, load_inventory
 
+    if steps < 1:
+        raise UserError(f"a probe trains at least one step, not {steps}", field="steps")
     for model in models:
-        if lookup_preset(model) is None:
+        shape = lookup_preset(model)
+        if shape is None:
             raise UserError(f"unknown model preset {model!r}", field="probe", hint="e.g. d12, d20 or tiny")
+        too_long = [n for n in seq_lens if n > shape.max_positions]
+        if too_long:  # refused before anything runs, not half way through the probes
+            raise UserError(f"{model} has a context of {shape.max_positions} tokens; seq {too_long[0]} is longer",
+                            field="seq", hint=f"probe {model} at --seq {shape.max_positions} or shorter")
     inventory = inventory or load_inventory()
     hw = hardware(inventory.get(host))
     folder = store.path.parent / "probes" / f"{host}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -41,3 +41,21 @@ def test_when_nothing_reaches_the_rule_the_closest_is_primary_and_nothing_clean_
     assert capacity(found, hours=24).primary.result.model == "d16"
     none = capacity([probed("d12", 1024, 0, outcome="error")], hours=24)
     assert none.primary is None and "no recommendation" in none.recommendation()
+
+
+def test_a_probe_that_cannot_run_is_refused_before_anything_starts(tmp_path):
+    import pytest
+
+    from runner.capacity import probe
+    from runner.errors import UserError
+    from runner.store import Store
+
+    store = Store.open(tmp_path / "runs.db")
+    try:
+        with pytest.raises(UserError, match="context of 512 tokens; seq 1024"):
+            probe(store, "local", ["tiny"], [512, 1024], steps=5)
+        with pytest.raises(UserError, match="at least one step"):
+            probe(store, "local", ["tiny"], [128], steps=0)
+        assert store.runs() == [] and not (tmp_path / "probes").exists()
+    finally:
+        store.close()
