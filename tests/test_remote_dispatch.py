@@ -41,6 +41,7 @@ LONG = ["--set", "budget.tokens=5M", *EVERY_STEP]
 SHORT = ["--set", "budget.tokens=15360", *EVERY_STEP]
 TINY = ["--set", "budget.tokens=1280", *EVERY_STEP]
 
+
 @pytest.fixture
 def hosts(tmp_home, ssh_hosts, monkeypatch):
     """Both test hosts in a fresh hosts.yaml and trusted; quick syncs; images built offline."""
