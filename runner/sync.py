@@ -412,26 +412,33 @@ def _move(conn: ssh.Connection, remote_root: str, local_root: Path, streams: lis
     small_tally = _Tally()
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=PARALLEL_STREAMS + 1, thread_name_prefix="sync") as pool:
-        tar_job = pool.submit(_pull_batches, transport, host, remote_root, local_root, batches, small_tally, done)
-        jobs = [pool.submit(_run_stream, transport, host, s) for s in streams]
-        for job in jobs:
-            try:
-                result = job.result()
-            except BaseException as exc:  # noqa: BLE001 - raised below, once every worker has stopped
-                errors.append(exc)
-                continue
-            rel = result.stream.rel
-            tally.bytes_moved += result.bytes_moved
-            if result.ok:
-                tally.moved.append(rel)
-                finished.add(rel)
-                done.add(rel)
-            else:
-                tally.refused.append(Refusal(rel, "sha256 does not match the manifest"))
         try:
-            tar_job.result()
-        except BaseException as exc:  # noqa: BLE001 - as above
-            errors.append(exc)
+            tar_job = pool.submit(_pull_batches, transport, host, remote_root, local_root, batches, small_tally,
+                                  done)
+            jobs = [pool.submit(_run_stream, transport, host, s) for s in streams]
+            for job in jobs:
+                try:
+                    result = job.result()
+                except Exception as exc:  # noqa: BLE001 - raised below, once every worker has stopped
+                    errors.append(exc)
+                    continue
+                rel = result.stream.rel
+                tally.bytes_moved += result.bytes_moved
+                if result.ok:
+                    tally.moved.append(rel)
+                    finished.add(rel)
+                    done.add(rel)
+                else:
+                    tally.refused.append(Refusal(rel, "sha256 does not match the manifest"))
+            try:
+                tar_job.result()
+            except Exception as exc:  # noqa: BLE001 - as above
+                errors.append(exc)
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): stop every stream now rather than when its file is
+            # done; the partial files stay for the next sync, which reconnects.
+            transport.close()
+            raise
     tally.moved.extend(small_tally.moved)
     tally.bytes_moved += small_tally.bytes_moved
     tally.refused.extend(small_tally.refused)
