@@ -136,7 +136,12 @@ class RunsScreen(Screen):
                 run = dispatch.resume(store, run_id, say=lambda text: self.post_message(self.Acted(text)))
                 self.app.call_from_thread(self.app.supervise, run.id)
             else:
-                run = dispatch.reconcile_run(store, store.get(run_id))
+                run = store.get(run_id)
+                if run.backend == "ssh":  # a remote run's directory comes home now
+                    dispatch.remote_backend(self.app.load_inventory())
+                    report = dispatch.sync_run(store, run_id)
+                    self.post_message(self.Acted(f"run {run.id}: {len(report.moved)} files moved from {run.host}"))
+                run = dispatch.reconcile_run(store, run)
         except (UserError, UserErrors) as exc:
             errors = exc.errors if isinstance(exc, UserErrors) else [exc]
             self.post_message(self.Acted("\n".join(e.render() for e in errors), error=True))
