@@ -197,12 +197,37 @@ def test_a_crashed_runner_leaves_the_run_to_be_followed_and_recorded_by_the_next
 @pytest.mark.slow
 def test_a_container_killed_from_outside_is_marked_failed_with_the_reason(docker_engine, trainer_image, env):
     [run] = json_out(runner_cli("run", QUICKSTART, "--detach", "--json", *LONGER, env=env))
-    wait_until(lambda: train_events(Path(run["run_dir"])), what="the first training step")
     [container] = containers_of(docker_engine, run["id"])
     container.kill()
     status = json_out(runner_cli("status", run["id"], "--json", env=env))
     assert status["state"] == "failed"
     assert "SIGKILL from outside the runner" in status["reason"] and status["exit_code"] == 137
+
+
+# Run inside the container: stop (SIGSTOP) the trainer so that it cannot act on SIGTERM, as a hung one.
+FREEZE_TRAINER = ("import os, signal\n"
+                  "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+                  "    cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+                  "    if int(pid) != os.getpid() and b'runner.trainer' in cmd:\n"
+                  "        os.kill(int(pid), signal.SIGSTOP)\n"
+                  "        print('frozen', pid)\n")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_cancel_kills_a_trainer_that_does_not_stop_within_the_grace_period(docker_engine, trainer_image, env):
+    [run] = json_out(runner_cli("run", QUICKSTART, "--detach", "--json", *LONGER, env=env))
+    [container] = containers_of(docker_engine, run["id"])
+    wait_until(lambda: b"frozen" in container.exec_run(["python", "-c", FREEZE_TRAINER]).output,
+               what="the trainer process")
+
+    started = time.monotonic()
+    cancelled = runner_cli("cancel", run["id"], "--grace", "2", env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert time.monotonic() - started < 20
+    status = json_out(runner_cli("status", run["id"], "--json", env=env))
+    assert status["state"] == "cancelled" and status["exit_code"] == 137
+    assert "did not stop within the grace period and was killed" in status["reason"]
 
 
 @pytest.mark.docker
