@@ -11,6 +11,8 @@
 # Offline (no registry, no package index): put every wheel the install needs in
 # .cache/wheels (`pip download` on a machine with the same Python), then
 #   docker build --build-arg BASE_IMAGE=runner-python:bookworm --build-arg OFFLINE=1 .
+# The runner does this by itself when a family's base image cannot be pulled
+# (images/catalog.yaml: offline_base_image; docs/runs.md, Images).
 #
 # It builds with the classic builder (no BuildKit features), which is what the
 # Docker SDK for Python drives.
