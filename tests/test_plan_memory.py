@@ -127,10 +127,29 @@ def test_gradients_are_live_in_backward_only_with_accumulation():
     assert four.backward_peak_bytes > one.backward_peak_bytes
 
 
-def test_the_verdict_compares_peak_with_capacity():
-    m = memory(capacity_bytes=8 * GiB)
+def test_the_verdict_compares_peak_with_capacity_off_cuda():
+    m = memory(device="mps", precision="fp32", capacity_bytes=8 * GiB)
     assert not m.fits and m.margin_bytes == 8 * GiB - m.peak_bytes
+    assert memory(device="mps", precision="fp32").fits
+
+
+def test_a_full_card_needs_the_allocated_peak_and_room_to_place_the_loss_buffer():
+    # On CUDA the verdict is checked against what a card at its limit needs: the allocated peak,
+    # the runtime and the fit reserve, not the headroom the allocator takes on a roomy card.
+    m = memory(capacity_bytes=8 * GiB)
+    block = 8 * 1024 * PRESETS["gpt2-124m"].vocab_size * 4
+    assert m.fit_reserve_bytes == int(0.15 * block)
+    assert not m.fits and m.margin_bytes == 8 * GiB - (m.allocated_bytes + m.fit_reserve_bytes + m.runtime_bytes)
     assert memory().fits
+
+
+def test_fp32_and_compiled_runs_reserve_a_whole_loss_buffer_and_checkpointing_reserves_states_and_a_layer():
+    fp32 = memory(precision="fp32")
+    assert fp32.fit_reserve_bytes == 8 * 1024 * PRESETS["gpt2-124m"].vocab_size * 4
+    compiled = memory(compiled=True)
+    assert compiled.fit_reserve_bytes == 8 * 1024 * PRESETS["gpt2-124m"].vocab_size * 2
+    ckpt = memory("llama-1b", gradient_checkpointing=True)
+    assert ckpt.fit_reserve_bytes == int(0.55 * ckpt.optimizer_bytes + 0.55 * ckpt.activations_per_layer_bytes)
 
 
 def test_apple_capacity_is_the_usable_share_of_unified_memory(tmp_path):

@@ -90,6 +90,30 @@ _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 # loss dominates), 1.04-1.09 where it does not; 10% of the loss buffers on top covers both.
 ALLOCATOR_HEADROOM = 0.05
 CHECKPOINTING_LOSS_HEADROOM = 0.10
+# What a card must have free beyond the allocated peak for the step to run there, as
+# coefficients of (one loss buffer: tokens x vocab x 4 B, 2 B compiled; the optimizer
+# states; one layer's saved activations), by fragmentation_mode. On a card with room
+# the allocator just grows (headroom_bytes, above, is what it then reserves); near
+# the card's limit it frees its cache and retries, and what stops it is a freed block
+# in the middle of a segment still in use, smaller than the next request. Every
+# capped run that ran out of memory did so in its second step, asking for one loss
+# buffer: the optimizer states, made after the first backward, sit in the blocks that
+# backward freed. Fitted to the 30 runs at the 24 GB and 40 GB caps of 2026-11-24
+# (bench/results/gpu-fit{24,40}-h100-2026-11-24.json), the coefficient between the
+# largest that stayed right for the runs that fitted and the smallest for those that
+# did not:
+# - eager under autocast: 0.15 of a loss buffer (between 0.07, gpt2-355m b13, and 0.28,
+#   gpt2-124m b15);
+# - fp32 and torch.compile: one whole loss buffer (fp32 gpt2-124m b22 needed over 0.51,
+#   compiled d20 s2048 b16 over 0.72; no capped compiled run fitted, so this is the
+#   bound, not a fit);
+# - checkpointing: 0.55 of the optimizer states and of one recomputed layer (LoRA on
+#   the 7B needs 0.53-0.60 of a layer; d20 b8 over 0.34 of its states, gpt2-355m b23
+#   under 0.58). No (loss, states, layer) combination separates all twelve runs:
+#   gpt2-355m b24, which ran, is predicted not to fit.
+_FIT_RESERVE: dict[str, tuple[float, float, float]] = {
+    "eager": (0.15, 0, 0), "fp32": (1.0, 0, 0), "compiled": (1.0, 0, 0), "checkpointing": (0, 0.55, 0.55),
+}
 # Taken on CUDA beyond the catalog's context figure (measured right after the context is
 # made): kernels loaded lazily by the first training step, 240 MiB outside torch's
 # allocator (767 MiB at the end less the 527 MiB context, every matrix run), and the
@@ -162,6 +186,7 @@ class MemoryBreakdown:
     grad_accum: int
     shards: int = 1  # GPUs that FSDP shards weights, gradients and optimizer states over (1: not sharded)
     gradient_buckets: bool = False  # DDP: gradients live in buckets that stay allocated between steps
+    fit_reserve_bytes: int = 0  # free memory a card at its limit needs beyond the allocated peak (_FIT_RESERVE)
 
     @property
     def backward_peak_bytes(self) -> int:
@@ -203,8 +228,20 @@ class MemoryBreakdown:
         return self.allocated_bytes + self.headroom_bytes + self.runtime_bytes
 
     @property
+    def required_bytes(self) -> int:
+        """What the device must offer to run the job.
+
+        On CUDA the allocated peak, the fit reserve and the runtime: a card at its limit
+        frees the allocator's cache, so it needs less than ``peak_bytes`` where the pool
+        fragments little, and more where large buffers cannot be placed. Elsewhere the peak.
+        """
+        if self.device != "cuda":
+            return self.peak_bytes
+        return self.allocated_bytes + self.fit_reserve_bytes + self.runtime_bytes
+
+    @property
     def margin_bytes(self) -> int:
-        return self.capacity_bytes - self.peak_bytes
+        return self.capacity_bytes - self.required_bytes
 
     @property
     def fits(self) -> bool:
@@ -233,6 +270,7 @@ class MemoryBreakdown:
             ("optimizer step temporary", self.optimizer_step_bytes, "only while stepping"),
             ("allocator headroom", self.headroom_bytes, f"{ALLOCATOR_HEADROOM:.0%} of allocated"
              + (f" + {CHECKPOINTING_LOSS_HEADROOM:.0%} of the loss buffers" if self.gradient_checkpointing else "")),
+            ("fit reserve", self.fit_reserve_bytes, "free room a full card needs to place the next large buffer"),
             ("runtime", self.runtime_bytes, "CUDA context, kernels, cuBLAS workspaces" if self.device == "cuda"
              else f"{self.device} runtime"),
         ]
@@ -325,11 +363,29 @@ def estimate_memory(
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
         grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
     )
-    headroom = 0
+    headroom = reserve = 0
     if device != "cpu":
         headroom = int(partial.allocated_bytes * ALLOCATOR_HEADROOM
                        + (logits * CHECKPOINTING_LOSS_HEADROOM if gradient_checkpointing else 0))
-    return replace(partial, headroom_bytes=headroom)
+    if device == "cuda":
+        c_block, c_states, c_layer = _FIT_RESERVE[fragmentation_mode(
+            autocast=autocast, compiled=compiled, gradient_checkpointing=gradient_checkpointing)]
+        reserve = int(c_block * loss_block_bytes(shape, tokens, autocast=autocast, compiled=compiled)
+                      + c_states * optimizer_states + c_layer * per_layer)
+    return replace(partial, headroom_bytes=headroom, fit_reserve_bytes=reserve)
+
+
+def fragmentation_mode(*, autocast: bool, compiled: bool, gradient_checkpointing: bool) -> str:
+    if compiled:
+        return "compiled"
+    if gradient_checkpointing:
+        return "checkpointing"
+    return "eager" if autocast else "fp32"
+
+
+def loss_block_bytes(shape: ModelShape, tokens: int, *, autocast: bool, compiled: bool) -> int:
+    """The largest single allocation of a step: one loss buffer, tokens x vocabulary."""
+    return tokens * shape.vocab_size * (2 if compiled and autocast else 4)
 
 
 def activation_mode(*, autocast: bool, half_base: bool, compiled: bool) -> str:
