@@ -110,7 +110,9 @@ CHECKPOINTING_LOSS_HEADROOM = 0.10
 # - checkpointing: 0.55 of the optimizer states and of one recomputed layer (LoRA on
 #   the 7B needs 0.53-0.60 of a layer; d20 b8 over 0.34 of its states, gpt2-355m b23
 #   under 0.58). No (loss, states, layer) combination separates all twelve runs:
-#   gpt2-355m b24, which ran, is predicted not to fit.
+#   gpt2-355m b24, which ran, is predicted not to fit. The states term is capped at one
+#   loss buffer and one layer (estimate_memory): uncapped, it refused llama-1b seq 1024
+#   b4, which ran at the 24 GB cap, and grows without bound with the model.
 _FIT_RESERVE: dict[str, tuple[float, float, float]] = {
     "eager": (0.15, 0, 0), "fp32": (1.0, 0, 0), "compiled": (1.0, 0, 0), "checkpointing": (0, 0.55, 0.55),
 }
@@ -370,8 +372,9 @@ def estimate_memory(
     if device == "cuda":
         c_block, c_states, c_layer = _FIT_RESERVE[fragmentation_mode(
             autocast=autocast, compiled=compiled, gradient_checkpointing=gradient_checkpointing)]
-        reserve = int(c_block * loss_block_bytes(shape, tokens, autocast=autocast, compiled=compiled)
-                      + c_states * optimizer_states + c_layer * per_layer)
+        block = loss_block_bytes(shape, tokens, autocast=autocast, compiled=compiled)
+        # Room to place the next large request is never more than one loss buffer and one layer.
+        reserve = int(min(c_block * block + c_states * optimizer_states + c_layer * per_layer, block + per_layer))
     return replace(partial, headroom_bytes=headroom, fit_reserve_bytes=reserve)
 
 
