@@ -63,11 +63,14 @@ class Prepared:
 
 def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = "local",
             sets: list[str] | None = None, force: bool = False, backend: str | None = None,
-            inventory: Inventory | None = None) -> list[Prepared]:
+            inventory: Inventory | None = None, node_hosts: list[str] | None = None) -> list[Prepared]:
     """Check and plan every experiment of a job file; raise before anything starts.
 
-    UserErrors (exit 2) for an invalid job or a missing data file, UserError with
-    exit 3 when the planner refuses an experiment and ``force`` is not set.
+    An experiment with ``train.nodes`` above 1 runs on the first ``nodes`` of
+    ``node_hosts`` (default: its ``hosts:``), planned on the first, which holds
+    the run directory. UserErrors (exit 2) for an invalid job or a missing data
+    file, UserError with exit 3 when the planner refuses an experiment and
+    ``force`` is not set.
     """
     inventory = inventory or load_inventory()
     target = inventory.get(host)
@@ -77,20 +80,21 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
         if not jobs:
             raise UserError(f"no experiment named {experiment!r}", file=str(job_file), field="experiment")
     errors = [e for job in jobs for e in check_job(job, inventory.names)]
-    errors += [job.error(("train", "nodes"), f"runner run starts one host's processes, and this job spreads over "
-                         f"{job.spec.train.nodes} hosts", hint="start one torchrun per host (runner.launch.node_argvs; "
-                         "docs/trainer.md, Several GPUs and hosts)") for job in jobs if job.spec.train.nodes > 1]
+    errors += [e for job in jobs for e in _node_errors(job, node_hosts, inventory)]
     if errors:
         raise UserErrors(errors)
-    if target.kind == "ssh":
-        if (backend or "auto") not in ("auto", "ssh"):
-            raise UserError(f"host {target.name!r} is reached over SSH: its runs go in a container there",
-                            field="backend", hint="leave --backend out for remote hosts")
-        remote_backend(inventory)
-    hw = hardware(target)
     prepared = []
     throughput = default_calibration()  # the same measured figures `runner plan` uses
     for job in jobs:
+        nodes = job.spec.train.nodes
+        spread_over = list((node_hosts or job.spec.hosts)[:nodes]) if nodes > 1 else []
+        target = inventory.get(spread_over[0]) if spread_over else inventory.get(host)
+        if target.kind == "ssh":
+            if (backend or "auto") not in ("auto", "ssh"):
+                raise UserError(f"host {target.name!r} is reached over SSH: its runs go in a container there",
+                                field="backend", hint="leave --backend out for remote hosts")
+            remote_backend(inventory)
+        hw = hardware(target)
         plan = plan_job(job, target, inventory=inventory, throughput=throughput)
         if not plan.passes:
             if not force or plan.profile is None:
@@ -98,9 +102,13 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
             _stderr(f"warning: {job.name}: the planner refuses it ({'; '.join(plan.reasons)}); running anyway (--force)")
             plan = replace(plan, passes=True)
         resolved = resolve(job, target, plan, inventory=inventory)
+        if spread_over:  # the backend starts one torchrun on each, in this order
+            resolved = resolved.model_copy(update={"experiment": resolved.experiment.model_copy(
+                update={"hosts": spread_over})})
         chosen = "ssh" if target.kind == "ssh" else choose_backend(hw.profile, backend or job.spec.backend)
         image = None
-        if chosen in ("docker", "ssh"):
+        if chosen == "docker" or (chosen == "ssh" and any(
+                inventory.get(h).backend == "docker" for h in spread_over or [target.name])):
             family = images.family_for(hw.profile)
             if family is None:  # only an SSH host can get here: choose_backend never picks docker for it
                 raise UserError(f"profile {hw.profile.id} runs natively, but a host over SSH runs the trainer "
@@ -108,6 +116,25 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
             image = images.image_for(family)
         prepared.append(Prepared(job, target, hw, plan, resolved, chosen, image))
     return prepared
+
+
+def _node_errors(job: Job, node_hosts: list[str] | None, inventory: Inventory) -> list[UserError]:
+    """Why a job over several hosts cannot start on them: too few, repeated, or this machine among them."""
+    nodes = job.spec.train.nodes
+    if nodes == 1:
+        return []
+    chosen = list((node_hosts or job.spec.hosts)[:nodes])
+    field = ("hosts",) if node_hosts is None else ("train", "nodes")
+    if len(chosen) < nodes:
+        return [job.error(field, f"train.nodes: {nodes} needs {nodes} hosts, and {len(chosen)} are given: "
+                                 f"{', '.join(chosen) or 'none'}")]
+    local = [h for h in chosen if h in inventory.hosts and inventory.get(h).kind != "ssh"]
+    if local:
+        return [job.error(field, f"a run over several hosts starts one torchrun per SSH host; {local[0]} is this "
+                                 "machine", hint="name SSH hosts from the inventory")]
+    if len(set(chosen)) < nodes:
+        return [job.error(field, f"the {nodes} hosts of a multi-host run must differ: {', '.join(chosen)}")]
+    return []
 
 
 def refusal(job: Job, plan: Plan) -> UserError:
@@ -176,8 +203,9 @@ def _start(store: Store, run: Run, resolved: ResolvedRun, profile: Profile, imag
         handle = backend.launch(spec)
         store.update(run.id, handle=handle, image=tag)
         if run.backend == "ssh":
-            host, _, container = handle.partition("/")
-            what = f"container {container[:12]} on {host}"
+            from runner.backends.ssh import describe
+
+            what = describe(handle)
         else:
             what = f"container {handle[:12]}" if run.backend == "docker" else f"pid {handle.partition('@')[0]}"
         return store.transition(run.id, "running", f"{what} started")
@@ -571,8 +599,9 @@ def free_slots(store: Store, host: Host) -> int:
     """GPUs of a host that no active run holds (a host without GPUs has one slot)."""
     busy = 0
     for run in store.runs(states=set(ACTIVE)):
-        if run.host == host.name:
-            busy += ResolvedRun.model_validate_json(run.resolved_json).gpus
+        resolved = ResolvedRun.model_validate_json(run.resolved_json)
+        if host.name in (resolved.experiment.hosts[:resolved.nodes] if resolved.nodes > 1 else [run.host]):
+            busy += resolved.gpus
     return hardware(host).gpus - busy
 
 
@@ -589,10 +618,23 @@ def spread(store: Store, job_files: list[str | Path], hosts: list[str], *, exper
     free = {name: free_slots(store, inventory.get(name)) for name in dict.fromkeys(hosts)}
     placed: list[Prepared] = []
     for job_file in job_files:
-        names = [j.name for j in load_jobs(job_file, sets or []) if experiment in (None, j.name)]
-        if not names:
+        jobs = [j for j in load_jobs(job_file, sets or []) if experiment in (None, j.name)]
+        if not jobs:
             raise UserError(f"no experiment named {experiment!r}", file=str(job_file), field="experiment")
-        for name in names:
+        for job in jobs:
+            name = job.name
+            if job.spec.train.nodes > 1:  # one run over the hosts, in the order given
+                (prep,) = prepare(job_file, experiment=name, sets=sets, force=force, backend=backend,
+                                  inventory=inventory, node_hosts=list(free))
+                busy = [h for h in prep.resolved.experiment.hosts if free[h] < prep.resolved.gpus]
+                if busy:
+                    raise UserError(f"{name} runs on {', '.join(prep.resolved.experiment.hosts)}, and "
+                                    f"{', '.join(f'{h} ({free[h]} free)' for h in busy)} cannot take it now",
+                                    file=str(job_file), field="hosts", hint="wait for runs there to end")
+                for node in prep.resolved.experiment.hosts:
+                    free[node] -= prep.resolved.gpus
+                placed.append(prep)
+                continue
             refusals: list[UserError] = []
             for host in sorted(free, key=lambda h: -free[h]):
                 if free[host] <= 0:

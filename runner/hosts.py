@@ -46,6 +46,10 @@ class Host(BaseModel):
     gpus: int | None = Field(default=None, ge=1)  # default: detected (local auto) or 1
     price_usd_per_hour: float | None = Field(default=None, ge=0)  # default: the profile's
     memory_bytes: Bytes | None = Field(default=None, alias="memory", gt=0)  # per GPU, or RAM/unified memory
+    # ssh hosts: the trainer in a container of the host's Docker Engine, or as processes of `python`
+    # (an interpreter with runner's train extra installed) on a host without Docker
+    backend: Literal["docker", "native"] = "docker"
+    python: str | None = None  # native: default python3
 
     @model_validator(mode="after")
     def _coherent(self) -> Host:
@@ -55,7 +59,19 @@ class Host(BaseModel):
             raise ValueError("only the host named local has kind local; other hosts are ssh")
         if self.kind == "local" and (self.address or self.user or self.key):
             raise ValueError("local needs no address, user or key")
+        if self.kind == "local" and (self.backend != "docker" or self.python):
+            raise ValueError("backend and python are for ssh hosts; local picks its backend from its profile")
+        if self.python and self.backend != "native":
+            raise ValueError("python: is the interpreter of a host with backend: native")
         return self
+
+    @field_validator("python")
+    @classmethod
+    def _runnable_python(cls, value: str | None) -> str | None:
+        # it reaches the host quoted, so no shell expands ~ or resolves it against a directory
+        if value is not None and "/" in value and not value.startswith("/"):
+            raise ValueError(f"{value!r}: give an absolute path, or a command name on the host's PATH")
+        return value
 
     @field_validator("profile")
     @classmethod

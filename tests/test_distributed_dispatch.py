@@ -81,13 +81,13 @@ def test_runner_run_starts_torchrun_in_the_container_with_two_gloo_processes(doc
                                      env=env), "docker")
 
 
-def test_runner_run_refuses_a_job_over_two_hosts_at_its_nodes_line_before_anything_starts(env, tmp_path):
+def test_runner_run_refuses_a_job_over_two_hosts_with_this_machine_among_them_before_anything_starts(env, tmp_path):
     (tmp_path / "d.txt").write_text("some text\n" * 100)
     job = tmp_path / "two-hosts.yaml"
     job.write_text("name: tn\nmodel: tiny\ndata: {sources: [{path: d.txt}], seq_len: 64}\n"
                    "train: {gpus: 1, nodes: 2, distributed_on_cpu: true}\nbudget: {tokens: 10k}\nhosts: [local, local]\n")
     result = runner_cli("run", str(job), "--backend", "native", "--wait", env=env)
     assert result.returncode == 2
-    assert f"{job}:4:" in result.stderr and "train.nodes: runner run starts one host's processes" in result.stderr
+    assert f"{job}:6:" in result.stderr and "one torchrun per SSH host; local is this machine" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (Path(env["RUNNER_HOME"]) / "runs").exists() or not any((Path(env["RUNNER_HOME"]) / "runs").iterdir())

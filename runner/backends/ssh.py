@@ -1,4 +1,4 @@
-"""The SSH backend: the trainer in a detached Docker container on a remote host.
+"""The SSH backend: the trainer in a detached Docker container (or process group) on remote hosts.
 
 A run on host H lives in ``~/.runner/runs/<run id>/`` of H's login user; the
 local run directory is its mirror, brought home by ``sync.pull``. Launching:
@@ -19,9 +19,23 @@ local run directory is its mirror, brought home by ``sync.pull``. Launching:
    directory: the log is a file on H from the first byte and comes home by
    byte offset, with nothing lost or repeated across reconnects.
 
-The handle recorded in the store is ``HOST/CONTAINER_ID``. A host that cannot
-be reached is not given up at once: ``poll`` says the run still runs until the
-host has been unreachable for ``unreachable_grace_s``, then that it is gone.
+A host with ``backend: native`` has no Docker: its ``python`` (with runner's
+train extra) runs the supervisor and the trainer in a new session (``setsid``)
+that outlives the SSH session, its pid in ``logs/pid``; inputs are reached
+through symlinks in ``~/.runner/inputs/<run id>/`` instead of mounts, and the
+supervisor's ``logs/exit_code`` says how it ended.
+
+A run over several hosts (``train.nodes``) starts one torchrun per host, in
+the order of the experiment's ``hosts:``, with a static rendezvous on the first
+host's address; rank 0 runs there, so the run directory that comes home is the
+first host's, and each other host's log (``logs/node-K.log`` there) comes home
+beside it. Containers of such a run use the host's network (``--network host``)
+so the nodes reach each other.
+
+The handle recorded in the store is ``HOST/CONTAINER_ID`` (``HOST/pid-PID`` for
+a native process), one per node joined by ``+``. A host that cannot be reached
+is not given up at once: ``poll`` says the run still runs until the host has
+been unreachable for ``unreachable_grace_s``, then that it is gone.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import io
 import itertools
 import os
 import posixpath
+import shlex
 import tarfile
 import threading
 import time
@@ -46,12 +61,16 @@ from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status
 from runner.backends.docker import INPUTS_MOUNT, RUN_MOUNT, TEST_LABEL_ENV
 from runner.errors import EXIT_FAILED, UserError
 from runner.hosts import Inventory, load_inventory
-from runner.launch import trainer_argv
+from runner.launch import Rendezvous, trainer_argv
 from runner.resolved import ResolvedRun
 
 REMOTE_RUNS_DIR = ".runner/runs"  # relative to the remote home
 REMOTE_ENV_DIR = ".runner/env"
 REMOTE_BUILD_DIR = ".runner/build"
+REMOTE_INPUTS_DIR = ".runner/inputs"  # native hosts: a run's inputs, as symlinks into the data cache
+EXIT_CODE_FILE = "logs/exit_code"  # written by the supervisor
+NODE_SEP = "+"  # between the node handles of a multi-host run
+PID_PREFIX = "pid-"  # a native process group, where a container id would be
 UNREACHABLE_GRACE_ENV = "RUNNER_UNREACHABLE_GRACE_S"
 SYNC_EVERY_ENV = "RUNNER_SYNC_EVERY_S"
 DEFAULT_UNREACHABLE_GRACE_S = 900.0  # a rented box that reboots comes back within minutes
@@ -68,18 +87,38 @@ def handle_for(host: str, container_id: str) -> str:
     return f"{host}/{container_id}"
 
 
-def split_handle(handle: str) -> tuple[str, str]:
-    """``HOST/CONTAINER_ID`` -> (host, container id)."""
-    host, sep, container = handle.partition("/")
-    if not sep or not host or not container:
-        raise ValueError(f"not an ssh backend handle: {handle!r}")
-    return host, container
+def node_handles(handle: str) -> list[tuple[str, str]]:
+    """``HOST/ID+HOST/ID...`` -> (host, container id or pid-PID) per node, rank 0 first."""
+    nodes = []
+    for part in handle.split(NODE_SEP):
+        host, sep, process = part.partition("/")
+        if not sep or not host or not process:
+            raise ValueError(f"not an ssh backend handle: {handle!r}")
+        nodes.append((host, process))
+    return nodes
 
 
-def container_command(gpus: int = 1) -> list[str]:
+def describe(handle: str) -> str:
+    """What a handle started, for the run's history: ``container 0123abcd on a, pid 42 on b``."""
+    return ", ".join(f"pid {p.removeprefix(PID_PREFIX)} on {h}" if p.startswith(PID_PREFIX)
+                     else f"container {p[:12]} on {h}" for h, p in node_handles(handle))
+
+
+def node_log(node_rank: int) -> str:
+    """The log of a node of a multi-host run, in its host's run directory: rank 0's is the run's log."""
+    return LOG_FILE if node_rank == 0 else f"logs/node-{node_rank}.log"
+
+
+def supervised(python: str, run_dir: str, gpus: int = 1, rendezvous: Rendezvous | None = None) -> list[str]:
+    """The supervisor (log, exit code) around the trainer, or around this node's torchrun."""
+    log = ["--log", node_log(rendezvous.node_rank)] if rendezvous and rendezvous.node_rank else []
+    return [python, "-m", "runner.backends.supervisor", run_dir, *log, "--",
+            *trainer_argv(python, f"{run_dir}/resolved.json", run_dir, gpus=gpus, rendezvous=rendezvous)]
+
+
+def container_command(gpus: int = 1, rendezvous: Rendezvous | None = None) -> list[str]:
     """The container's command: the supervisor writes the log and the exit code, the trainer (or torchrun) trains."""
-    return ["python", "-m", "runner.backends.supervisor", RUN_MOUNT, "--",
-            *trainer_argv("python", f"{RUN_MOUNT}/resolved.json", RUN_MOUNT, gpus=gpus)]
+    return supervised("python", RUN_MOUNT, gpus, rendezvous)
 
 
 def mount_option(source: str, target: str, readonly: bool) -> str:
@@ -90,13 +129,15 @@ def mount_option(source: str, target: str, readonly: bool) -> str:
     return out.getvalue()
 
 
-def remote_inputs(conn: ssh.Connection, resolved: ResolvedRun) -> tuple[ResolvedRun, list[tuple[str, str]], int]:
-    """Send every local input to the host's data cache and rewrite its path to a container path.
+def remote_inputs(conn: ssh.Connection, resolved: ResolvedRun,
+                  root: str = INPUTS_MOUNT) -> tuple[ResolvedRun, list[tuple[str, str]], int]:
+    """Send every local input to the host's data cache and rewrite its path to one under ``root``.
 
-    Returns the rewritten run, the read-only mounts (host path, container path)
-    and the bytes sent. A file is mounted with its cache directory
-    (``/inputs/N/NAME``); a directory (a local model) file by file at its
-    relative paths. Hub ids are left alone.
+    Returns the rewritten run, the read-only mounts (host path, path under
+    ``root``: a container path, or a symlink a native host gets) and the bytes
+    sent. A file is mounted with its cache directory (``ROOT/N/NAME``); a
+    directory (a local model) file by file at its relative paths. Hub ids are
+    left alone.
     """
     job_dir = Path(resolved.job_dir)
     mounts: list[tuple[str, str]] = []
@@ -111,7 +152,7 @@ def remote_inputs(conn: ssh.Connection, resolved: ResolvedRun) -> tuple[Resolved
             if must_exist:
                 raise UserError(f"input not found: {path}", field="data")
             return None
-        target = f"{INPUTS_MOUNT}/{next(slots)}"
+        target = f"{root}/{next(slots)}"
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for file in files:
             pushed = sync.push_data(conn, file)
@@ -133,7 +174,7 @@ def remote_inputs(conn: ssh.Connection, resolved: ResolvedRun) -> tuple[Resolved
         model["path"] = send(model["path"], must_exist=True)
     if model.get("tokenizer"):
         model["tokenizer"] = send(model["tokenizer"], must_exist=False) or model["tokenizer"]
-    data["job_dir"] = INPUTS_MOUNT
+    data["job_dir"] = root
     return ResolvedRun.model_validate(data), mounts, sent
 
 
@@ -397,31 +438,82 @@ class SSHBackend:
 
     # -- launching
 
+    def node_hosts(self, resolved: ResolvedRun) -> list[str]:
+        """The hosts of a run, rank 0's first: the first ``nodes`` of the experiment's ``hosts:``."""
+        if resolved.nodes == 1:
+            return [resolved.host]
+        return list(resolved.experiment.hosts[:resolved.nodes])
+
     def launch(self, spec: LaunchSpec) -> str:
-        host = spec.resolved.host
-        if not spec.image:
-            raise ValueError("the ssh backend needs an image")
+        hosts = self.node_hosts(spec.resolved)
+        if len(hosts) == 1:
+            return self._launch_node(spec, hosts[0], None)
+        address = ssh.endpoint_for(self.inventory.get(hosts[0])).hostname
+        started: list[str] = []
+        try:
+            for rank, host in enumerate(hosts):
+                started.append(self._launch_node(spec, host, Rendezvous(address, len(hosts), rank)))
+        except BaseException:
+            if started:
+                self.release(NODE_SEP.join(started))  # no node waits for a rendezvous that cannot happen
+            raise
+        return NODE_SEP.join(started)
+
+    def _launch_node(self, spec: LaunchSpec, host: str, rendezvous: Rendezvous | None) -> str:
+        """Start one host's trainer (one node's torchrun with ``rendezvous``); returns its node handle."""
+        native = self.inventory.get(host).backend == "native"
+        if not native and not spec.image:
+            raise ValueError("the ssh backend needs an image for a docker host")
         with self.lock(host):
             conn = self.connection(host)
-            self._ensure_image(conn, spec)
-            resolved, mounts, sent = remote_inputs(conn, spec.resolved)
+            run_dir = self.run_dir(host, spec.run_id)
+            if not native:
+                self._ensure_image(conn, spec)
+            root = (posixpath.join(self.home(host), REMOTE_INPUTS_DIR, sync.safe_relpath(spec.run_id)) if native
+                    else INPUTS_MOUNT)
+            resolved, mounts, sent = remote_inputs(conn, spec.resolved, root)
             if sent:
                 self.say(f"sent {sent / 2**20:.1f} MiB of data to {host}'s cache")
-            run_dir = self.run_dir(host, spec.run_id)
             sftp = conn.sftp()
             ssh.makedirs(sftp, posixpath.join(run_dir, "logs"))
             _write_remote(sftp, posixpath.join(run_dir, "resolved.json"),
                           (resolved.model_dump_json(indent=2) + "\n").encode())
-            env_file = self._write_env(conn, host, spec)
+            if native:
+                self._link_inputs(conn, root, mounts)
+            env_file = self._write_env(conn, host, spec, exported=native)
             try:
-                result = ssh.run(conn, self._docker_run(conn, spec, run_dir, mounts, env_file),
-                                 timeout_s=COMMAND_TIMEOUT_S)
+                argv = (self._native_start(host, spec, run_dir, env_file, rendezvous) if native
+                        else self._docker_run(conn, spec, run_dir, mounts, env_file, host, rendezvous))
+                result = ssh.run(conn, argv, timeout_s=COMMAND_TIMEOUT_S)
             finally:
-                conn.sftp().remove(env_file)
+                try:
+                    conn.sftp().remove(env_file)
+                except FileNotFoundError:
+                    pass  # a native start reads and removes it
+        what = "the trainer" if native else "the container"
         if not result.ok:
-            raise UserError(f"the container did not start on {host}: "
+            raise UserError(f"{what} did not start on {host}: "
                             f"{result.stderr.decode(errors='replace').strip()[-500:]}", exit_code=EXIT_FAILED)
-        return handle_for(host, result.text().strip())
+        started = result.text().strip()
+        return handle_for(host, PID_PREFIX + started if native else started)
+
+    def _link_inputs(self, conn: ssh.Connection, root: str, mounts: list[tuple[str, str]]) -> None:
+        """What a container would mount, as symlinks into the host's data cache."""
+        ssh.run(conn, ["rm", "-rf", "--", root])
+        sftp = conn.sftp()
+        for source, target in mounts:
+            ssh.makedirs(sftp, posixpath.dirname(target))
+            sftp.symlink(source, target)
+
+    def _native_start(self, host: str, spec: LaunchSpec, run_dir: str, env_file: str,
+                      rendezvous: Rendezvous | None) -> list[str]:
+        """The command that starts the supervisor in a new session on a host without Docker; it prints the pid."""
+        python = self.inventory.get(host).python or "python3"
+        log = node_log(rendezvous.node_rank if rendezvous else 0)
+        script = ('cd "$1" || exit 1; env_file=$2 log=$3; shift 3; . "$env_file"; rm -f "$env_file" '
+                  f'{EXIT_CODE_FILE}; setsid "$@" </dev/null >>"$log" 2>&1 & echo $! >logs/pid; echo $!')
+        return ["sh", "-c", script, "sh", run_dir, env_file, log,
+                *supervised(python, run_dir, spec.resolved.gpus, rendezvous)]
 
     def _ensure_image(self, conn: ssh.Connection, spec: LaunchSpec) -> None:
         assert spec.image is not None
@@ -447,8 +539,11 @@ class SSHBackend:
                             field="image") from None
         send_image(conn, spec.image, chunks)
 
-    def _write_env(self, conn: ssh.Connection, host: str, spec: LaunchSpec) -> str:
-        """The environment as a mode-0600 file on the host, so no value appears on a command line."""
+    def _write_env(self, conn: ssh.Connection, host: str, spec: LaunchSpec, *, exported: bool = False) -> str:
+        """The environment as a mode-0600 file on the host, so no value appears on a command line.
+
+        ``exported``: as quoted ``export`` lines for a shell to read, else as ``docker run --env-file`` reads it.
+        """
         for key, value in spec.env.items():
             if "\n" in value or "\r" in value:
                 raise UserError(f"environment variable {key} contains a line break", field="env")
@@ -459,18 +554,20 @@ class SSHBackend:
         path = posixpath.join(directory, f"{spec.run_id}-{spec.attempt}.env")
         with sftp.open(path, "wb") as f:
             f.chmod(0o600)  # before any secret is written
-            f.write("".join(f"{k}={v}\n" for k, v in spec.env.items()).encode())
+            f.write("".join(f"export {k}={shlex.quote(v)}\n" if exported else f"{k}={v}\n"
+                            for k, v in spec.env.items()).encode())
         return path
 
     def _docker_run(self, conn: ssh.Connection, spec: LaunchSpec, run_dir: str, mounts: list[tuple[str, str]],
-                    env_file: str) -> list[str]:
-        host = spec.resolved.host
+                    env_file: str, host: str, rendezvous: Rendezvous | None = None) -> list[str]:
         ids = ssh.run(conn, ["id", "-u"]).text().strip(), ssh.run(conn, ["id", "-g"]).text().strip()
         argv = ["docker", "run", "--detach", "--init", "--name", f"runner-{spec.run_id}-{spec.attempt}",
                 "--label", f"runner.run_id={spec.run_id}", "--label", f"runner.attempt={spec.attempt}",
                 "--label", f"runner.host={host}", "--user", f"{ids[0]}:{ids[1]}", "--shm-size", "2g",
                 "--workdir", RUN_MOUNT, "--env-file", env_file,
                 "--mount", mount_option(run_dir, RUN_MOUNT, readonly=False)]
+        if rendezvous is not None:
+            argv += ["--network", "host"]  # the nodes reach each other at their hosts' addresses
         if os.environ.get(TEST_LABEL_ENV):
             argv += ["--label", f"runner.test={os.environ[TEST_LABEL_ENV]}"]
         for source, target in mounts:
@@ -478,7 +575,8 @@ class SSHBackend:
         if spec.profile.device == "cuda":
             devices = self._free_gpus(conn, host, spec.gpus)
             argv += ["--gpus", f'"device={",".join(devices)}"', "--label", f"runner.gpus={','.join(devices)}"]
-        return [*argv, "--entrypoint", "python", spec.image or "", *container_command(spec.resolved.gpus)[1:]]
+        return [*argv, "--entrypoint", "python", spec.image or "",
+                *container_command(spec.resolved.gpus, rendezvous)[1:]]
 
     def _free_gpus(self, conn: ssh.Connection, host: str, count: int) -> list[str]:
         """GPU indices that no running runner container on this host holds (their runner.gpus labels)."""
@@ -503,24 +601,34 @@ class SSHBackend:
         return report
 
     def sync_logs(self, handle: str, run_dir: Path) -> None:
-        """The log by byte offset now, and the whole run directory every ``sync_every_s``."""
-        host, _ = split_handle(handle)
+        """The log by byte offset now, and the whole run directory every ``sync_every_s``; other nodes' logs too."""
+        nodes = node_handles(handle)
+        host = nodes[0][0]
         try:
             if time.monotonic() - self._last_pull.get(f"{host}/{run_dir.name}", 0.0) >= self.sync_every_s:
                 self.pull(host, run_dir.name, run_dir)
             else:
-                with self.lock(host):
-                    conn = self.connection(host)
-                    conn.retrying(lambda c: self._pull_log(c, host, run_dir))
+                self._pull_node_log(host, run_dir, LOG_FILE)
             self._unreachable_since.pop(host, None)
         except (ssh.ConnectionLost, ssh.CommandTimeout):
             self._unreachable_since.setdefault(host, time.monotonic())
+        for rank, (other, _) in enumerate(nodes[1:], start=1):
+            try:
+                self._pull_node_log(other, run_dir, node_log(rank))
+                self._unreachable_since.pop(other, None)
+            except (ssh.ConnectionLost, ssh.CommandTimeout):
+                self._unreachable_since.setdefault(other, time.monotonic())
 
-    def _pull_log(self, conn: ssh.Connection, host: str, run_dir: Path) -> None:
-        """Append what the remote log has beyond the local one's size."""
+    def _pull_node_log(self, host: str, run_dir: Path, rel: str) -> None:
+        with self.lock(host):
+            conn = self.connection(host)
+            conn.retrying(lambda c: self._pull_log(c, host, run_dir, rel))
+
+    def _pull_log(self, conn: ssh.Connection, host: str, run_dir: Path, rel: str = LOG_FILE) -> None:
+        """Append what the remote log ``rel`` has beyond the local one's size."""
         sftp = conn.sftp()
-        remote = posixpath.join(self.run_dir(host, run_dir.name), LOG_FILE)
-        local = run_dir / LOG_FILE
+        remote = posixpath.join(self.run_dir(host, run_dir.name), rel)
+        local = run_dir / rel
         try:
             size = sftp.stat(remote).st_size or 0
         except FileNotFoundError:
@@ -540,12 +648,35 @@ class SSHBackend:
                 have += len(chunk)
 
     def poll(self, handle: str, run_dir: Path) -> Status:
-        host, container = split_handle(handle)
+        """Running while any node runs; gone when any node vanished; else rank 0's exit (or another's failure)."""
+        nodes = node_handles(handle)
+        statuses = [self._poll_node(host, process, run_dir.name) for host, process in nodes]
+        named = [(f"node {rank} on {host}: " if len(nodes) > 1 else "", status)
+                 for rank, ((host, _), status) in enumerate(zip(nodes, statuses))]
+        gone = [(where, s) for where, s in named if s.gone]
+        if gone:
+            where, status = gone[0]
+            self._final_pull(handle, run_dir)
+            return Status(running=False, gone=True, detail=where + (status.detail or "it vanished"))
+        if any(s.running for s in statuses):
+            running = [(where, s) for where, s in named if s.running and s.detail]
+            return Status(running=True, detail=running[0][0] + running[0][1].detail if running else None)
+        self._final_pull(handle, run_dir)
+        failed = [(where, s) for where, s in named if s.exit_code != 0]
+        if not failed:
+            return statuses[0]
+        where, status = failed[0]
+        return Status(running=False, exit_code=status.exit_code,
+                      detail=where + status.detail if status.detail else None)
+
+    def _poll_node(self, host: str, process: str, run_id: str) -> Status:
+        if process.startswith(PID_PREFIX):
+            return self._poll_native(host, process.removeprefix(PID_PREFIX), run_id)
         try:
             with self.lock(host):
                 found = ssh.run(self.connection(host),
                                 ["docker", "inspect", "--type", "container", "--format",
-                                 "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}", container],
+                                 "{{.State.Status}} {{.State.ExitCode}} {{.State.OOMKilled}}", process],
                                 timeout_s=COMMAND_TIMEOUT_S)
         except (ssh.ConnectionLost, ssh.CommandTimeout) as exc:
             return self._unreachable(host, exc.message)
@@ -554,7 +685,6 @@ class SSHBackend:
             if "No such" not in err:
                 return self._unreachable(host, f"docker on {host} does not answer: {err[:200]}")
             self._unreachable_since.pop(host, None)
-            self._final_pull(host, run_dir)
             return Status(running=False, gone=True,
                           detail=f"the container vanished from {host} (removed, or the host was preempted "
                                  "or rebuilt)")
@@ -562,13 +692,37 @@ class SSHBackend:
         state, code, oom = (found.text().split() + ["", "", ""])[:3]
         if state in RUNNING_STATES:
             return Status(running=True)
-        self._final_pull(host, run_dir)
         detail = "out of memory: the kernel killed the trainer (OOMKilled)" if oom == "true" else None
         return Status(running=False, exit_code=int(code) if code.lstrip("-").isdigit() else None, detail=detail)
 
-    def _final_pull(self, host: str, run_dir: Path) -> None:
+    def _poll_native(self, host: str, pid: str, run_id: str) -> Status:
+        """The supervisor's exit code when written, else whether its process lives (checked again after)."""
+        script = ('f="$1/' + EXIT_CODE_FILE + '"; if [ -f "$f" ]; then echo exited "$(cat "$f")"; '
+                  'elif kill -s 0 "$2" 2>/dev/null; then echo running; '
+                  'elif [ -f "$f" ]; then echo exited "$(cat "$f")"; else echo gone; fi')
         try:
-            self.pull(host, run_dir.name, run_dir)
+            with self.lock(host):
+                found = ssh.run(self.connection(host), ["sh", "-c", script, "sh", self.run_dir(host, run_id), pid],
+                                timeout_s=COMMAND_TIMEOUT_S)
+        except (ssh.ConnectionLost, ssh.CommandTimeout) as exc:
+            return self._unreachable(host, exc.message)
+        self._unreachable_since.pop(host, None)
+        state, _, code = found.text().strip().partition(" ")
+        if state == "running":
+            return Status(running=True)
+        if state == "exited" and code.lstrip("-").isdigit():
+            value = int(code)
+            return Status(running=False, exit_code=value if value >= 0 else 128 - value)
+        return Status(running=False, gone=True,
+                      detail=f"the trainer's process {pid} vanished from {host} without an exit code (killed, "
+                             "or the host rebooted)")
+
+    def _final_pull(self, handle: str, run_dir: Path) -> None:
+        nodes = node_handles(handle)
+        try:
+            self.pull(nodes[0][0], run_dir.name, run_dir)
+            for rank, (host, _) in enumerate(nodes[1:], start=1):
+                self._pull_node_log(host, run_dir, node_log(rank))
         except (ssh.ConnectionLost, ssh.CommandTimeout):
             pass  # what did not come home now comes with `runner sync RUN`
 
@@ -583,19 +737,50 @@ class SSHBackend:
                              f"{self.unreachable_grace_s:.0f}s (last error: {why}); the container may still run there")
 
     def stop(self, handle: str, grace_s: float = DEFAULT_GRACE_S) -> None:
-        """``docker stop``: SIGTERM (the supervisor passes it to the trainer, which checkpoints), then a kill."""
-        host, container = split_handle(handle)
+        """Stop every node at once: SIGTERM (passed to the trainers, which checkpoint), then a kill after the grace."""
+        nodes = node_handles(handle)
+        if len(nodes) == 1:
+            self._stop_node(*nodes[0], grace_s)
+            return
+        errors: list[BaseException] = []
+
+        def stop_one(host: str, process: str) -> None:
+            try:
+                self._stop_node(host, process, grace_s)
+            except UserError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=stop_one, args=node) for node in nodes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _stop_node(self, host: str, process: str, grace_s: float) -> None:
+        """``docker stop``, or the same for a native process group: TERM, then KILL after ``grace_s``."""
+        if process.startswith(PID_PREFIX):
+            ticks = max(1, int(grace_s * 2))
+            argv = ["sh", "-c", 'kill -s TERM -- "-$1" 2>/dev/null || exit 0; i=0; '
+                    'while kill -s 0 -- "-$1" 2>/dev/null; do if [ "$i" -ge "$2" ]; then '
+                    'kill -s KILL -- "-$1"; exit 0; fi; sleep 0.5; i=$((i+1)); done',
+                    "sh", process.removeprefix(PID_PREFIX), str(ticks)]
+        else:
+            argv = ["docker", "stop", "--time", str(max(1, int(grace_s))), process]
         with self.lock(host):
-            ssh.run(self.connection(host), ["docker", "stop", "--time", str(max(1, int(grace_s))), container],
-                    timeout_s=grace_s + COMMAND_TIMEOUT_S)
+            ssh.run(self.connection(host), argv, timeout_s=grace_s + COMMAND_TIMEOUT_S)
 
     def release(self, handle: str) -> None:
-        host, container = split_handle(handle)
-        try:
-            with self.lock(host):
-                ssh.run(self.connection(host), ["docker", "rm", "--force", container])
-        except (ssh.ConnectionLost, ssh.CommandTimeout):
-            pass  # the container stays on the host; `runner resume` removes it before another attempt
+        """Remove every node's container, or kill what is left of its process group."""
+        for host, process in node_handles(handle):
+            argv = (["sh", "-c", 'kill -s KILL -- "-$1" 2>/dev/null; true', "sh", process.removeprefix(PID_PREFIX)]
+                    if process.startswith(PID_PREFIX) else ["docker", "rm", "--force", process])
+            try:
+                with self.lock(host):
+                    ssh.run(self.connection(host), argv)
+            except (ssh.ConnectionLost, ssh.CommandTimeout):
+                pass  # left on the host; `runner resume` removes a container before another attempt
 
     # -- resuming
 

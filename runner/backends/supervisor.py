@@ -21,8 +21,8 @@ from runner.backends import LOG_FILE, redact, secret_values
 EXIT_CODE_FILE = "logs/exit_code"
 
 
-def supervise(run_dir: Path, command: list[str]) -> int:
-    """Run the trainer, write its output and exit code; return its exit code as a shell reports it."""
+def supervise(run_dir: Path, command: list[str], log_file: str = LOG_FILE) -> int:
+    """Run the trainer, write its output (to ``log_file`` in ``run_dir``) and exit code; return the code."""
     children: list[subprocess.Popen] = []
 
     def forward(signum: int, frame: object) -> None:
@@ -32,7 +32,7 @@ def supervise(run_dir: Path, command: list[str]) -> int:
             child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)  # handled, not ignored: exec resets it
-    log_path = run_dir / LOG_FILE
+    log_path = run_dir / log_file
     log_path.parent.mkdir(parents=True, exist_ok=True)
     (run_dir / EXIT_CODE_FILE).unlink(missing_ok=True)
     secrets = secret_values(dict(os.environ))
@@ -51,10 +51,14 @@ def supervise(run_dir: Path, command: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    # --log: another node of a multi-host run writes logs/node-K.log, not the run's log
+    log_file = LOG_FILE
+    if len(argv) >= 3 and argv[1] == "--log":
+        log_file, argv = argv[2], [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m runner.backends.supervisor RUN_DIR -- COMMAND...", file=sys.stderr)
+        print("usage: python -m runner.backends.supervisor RUN_DIR [--log FILE] -- COMMAND...", file=sys.stderr)
         return 2
-    return supervise(Path(argv[0]), argv[2:])
+    return supervise(Path(argv[0]), argv[2:], log_file)
 
 
 if __name__ == "__main__":
