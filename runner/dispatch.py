@@ -543,6 +543,10 @@ def resume_remote(store: Store, run: Run, *, host: str | None = None, say: Say =
         raise UserError(f"run {run.id} succeeded; there is nothing to resume", field="run")
     if run.state not in TERMINAL:
         raise UserError(f"run {run.id} is still {run.state}", field="run", hint=f"runner cancel {run.id} first")
+    planned_run = ResolvedRun.model_validate_json(run.resolved_json)
+    if planned_run.nodes > 1 and host not in (None, run.host):
+        raise UserError(f"run {run.id} runs over {', '.join(planned_run.experiment.hosts)}; it resumes there, "
+                        f"with rank 0 on {run.host}", field="host", hint="start a new run to use other hosts")
     backend = remote_backend()
     target = backend.inventory.get(host or run.host)
     if target.kind != "ssh":
