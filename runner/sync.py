@@ -468,8 +468,11 @@ def _plan_checkpoint(sftp: paramiko.SFTPClient, remote_root: str, local_root: Pa
                      streams: list[_Stream]) -> _CheckpointPlan | None:
     """Decide which files of a checkpoint move; None when its manifest cannot be written this time."""
     manifest_rel = f"{ckpt}/{MANIFEST_NAME}"
-    with sftp.open(f"{remote_root}/{manifest_rel}", "rb") as f:
-        manifest_bytes = f.read()
+    try:
+        with sftp.open(f"{remote_root}/{manifest_rel}", "rb") as f:
+            manifest_bytes = f.read()
+    except FileNotFoundError:  # the trainer's keep-last pruned it after the listing: nothing to bring home
+        return None
     try:
         manifest = parse_manifest(manifest_bytes, where=manifest_rel)
     except UserError as exc:

@@ -201,6 +201,24 @@ def test_a_checkpoint_without_its_manifest_waits_and_is_not_complete(remote, tmp
 
 
 @pytest.mark.ssh
+def test_a_checkpoint_pruned_between_listing_and_reading_is_skipped(remote, tmp_path, monkeypatch):
+    _, conn, run_dir = remote
+    old = write_checkpoint(conn, run_dir, 100, {"model.safetensors": os.urandom(1000)})
+    write_checkpoint(conn, run_dir, 200, {"model.safetensors": os.urandom(1000)})
+    listed = sync._list_remote
+
+    def list_then_prune(*args, **kwargs):  # the trainer's keep-last removes step 100 right after the listing
+        files = listed(*args, **kwargs)
+        ssh.run(conn, ["rm", "-rf", "--", old])
+        return files
+
+    monkeypatch.setattr(sync, "_list_remote", list_then_prune)
+    report = sync.pull(conn, run_dir, tmp_path / "run")
+    assert report.complete_checkpoints == ("checkpoints/step-0000200",)
+    assert not (tmp_path / "run" / "checkpoints" / "step-0000100").exists()
+
+
+@pytest.mark.ssh
 def test_a_leftover_partial_file_is_resumed_from_its_size(remote, tmp_path):
     _, conn, run_dir = remote
     data = os.urandom(4 * 2**20)
