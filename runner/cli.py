@@ -233,6 +233,7 @@ def render_plans(out: Console, job: Any, plans: list[Plan], *, breakdown: bool) 
     from rich.table import Table
 
     from runner.units import format_bytes, format_count, format_duration
+    from runner.plan.pick import cheapest_and_fastest
 
     first = next((p for p in plans if p.profile), plans[0])
     title = f"{job.name}  ({job.file})"
@@ -244,9 +245,7 @@ def render_plans(out: Console, job: Any, plans: list[Plan], *, breakdown: bool) 
         out.print(f"  model {format_count(first.params)} params · budget {budget}")
     if first.overrides:
         out.print("  overrides: " + ", ".join(first.overrides))
-    passing = [p for p in plans if p.passes]
-    cheapest = min(passing, key=lambda p: (p.cost_usd, p.seconds), default=None)
-    fastest = min(passing, key=lambda p: (p.seconds, p.cost_usd), default=None)
+    cheapest, fastest = cheapest_and_fastest(plans)
 
     table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
     for name, justify in (("host", "left"), ("profile", "left"), ("ok", "left"), ("peak / capacity", "right"),
