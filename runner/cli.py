@@ -232,8 +232,8 @@ def plan_json(plan: Plan) -> dict:
 def render_plans(out: Console, job: Any, plans: list[Plan], *, breakdown: bool) -> None:
     from rich.table import Table
 
-    from runner.units import format_bytes, format_count, format_duration
     from runner.plan.pick import cheapest_and_fastest
+    from runner.units import format_bytes, format_count, format_duration
 
     first = next((p for p in plans if p.profile), plans[0])
     title = f"{job.name}  ({job.file})"
