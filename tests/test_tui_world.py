@@ -228,11 +228,13 @@ async def settle(pilot, timeout_s: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     await pilot.pause()
-    while loop.time() < deadline:
+    idle = 0
+    while loop.time() < deadline and idle < 3:
+        # Idle three polls running: a worker may start others (the host list starts one check per
+        # host) and their messages land a moment after they end.
         busy = [w for w in pilot.app.workers
                 if w.group not in LONG_LIVED and w.state in (WorkerState.PENDING, WorkerState.RUNNING)]
-        if not busy:
-            break
+        idle = 0 if busy else idle + 1
         await pilot.pause(0.02)
     await pilot.pause(0.15)  # one more poll of the followed run's files, then a refresh
 

@@ -306,7 +306,7 @@ class HostsScreen(Screen):
         if row is None:
             return
         for column, value in zip(COLUMNS, self._cells(row)):
-            table.update_cell(name, column, value)
+            table.update_cell(name, column, value, update_width=True)
         self._show_detail()
 
     def _show_detail(self) -> None:
