@@ -85,6 +85,35 @@ class Backend(Protocol):
         ...
 
 
+def relocate_inputs(resolved: ResolvedRun, place: Callable[[Path, bool], str | None], job_dir: str) -> ResolvedRun:
+    """The resolved run with every local input (data sources, model and tokenizer paths) moved by ``place``.
+
+    ``place(path, must_exist)`` gets the input as an absolute local path and
+    returns where the trainer will find it, or None for a tokenizer that is no
+    local path (a hub id, left alone). ``job_dir`` is the trainer's new job
+    directory. The container and the SSH backends share this walk.
+    """
+    base = Path(resolved.job_dir)
+
+    def moved(path_text: str, must_exist: bool) -> str | None:
+        path = Path(path_text).expanduser()
+        return place(path if path.is_absolute() else base / path, must_exist)
+
+    data = resolved.model_dump(mode="json")
+    experiment = data["experiment"]
+    for spec in [experiment["data"]] + [p["data"] for p in experiment.get("phases", []) if p.get("data")]:
+        for source in spec["sources"]:
+            if source.get("path"):
+                source["path"] = moved(source["path"], True)
+    model = experiment["model"]
+    if model.get("path"):
+        model["path"] = moved(model["path"], True)
+    if model.get("tokenizer"):
+        model["tokenizer"] = moved(model["tokenizer"], False) or model["tokenizer"]
+    data["job_dir"] = job_dir
+    return ResolvedRun.model_validate(data)
+
+
 def trainer_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The allow-listed part of the environment that a trainer receives."""
     environ = dict(os.environ if environ is None else environ)

@@ -15,7 +15,7 @@ import docker
 import docker.errors
 import docker.types
 
-from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status, redact, secret_values
+from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status, redact, relocate_inputs, secret_values
 from runner.errors import EXIT_FAILED, UserError
 from runner.launch import trainer_argv
 from runner.resolved import ResolvedRun
@@ -33,12 +33,9 @@ def container_inputs(resolved: ResolvedRun) -> tuple[ResolvedRun, dict[str, str]
     Returns it and the read-only mounts it needs, host directory -> container directory.
     Hub ids (a model or tokenizer that is not a local path) are left alone.
     """
-    job_dir = Path(resolved.job_dir)
     mounts: dict[str, str] = {}
 
-    def mount(path_text: str, must_exist: bool) -> str | None:
-        path = Path(path_text).expanduser()
-        path = path if path.is_absolute() else job_dir / path
+    def mount(path: Path, must_exist: bool) -> str | None:
         if not path.exists() and not must_exist:
             return None
         path = path.resolve()
@@ -46,20 +43,7 @@ def container_inputs(resolved: ResolvedRun) -> tuple[ResolvedRun, dict[str, str]
         target = mounts.setdefault(str(directory), f"{INPUTS_MOUNT}/{len(mounts)}")
         return target if path.is_dir() else f"{target}/{path.name}"
 
-    data = resolved.model_dump(mode="json")
-    experiment = data["experiment"]
-    datas = [experiment["data"]] + [p["data"] for p in experiment.get("phases", []) if p.get("data")]
-    for spec in datas:
-        for source in spec["sources"]:
-            if source.get("path"):
-                source["path"] = mount(source["path"], must_exist=True)
-    model = experiment["model"]
-    if model.get("path"):
-        model["path"] = mount(model["path"], must_exist=True)
-    if model.get("tokenizer"):
-        model["tokenizer"] = mount(model["tokenizer"], must_exist=False) or model["tokenizer"]
-    data["job_dir"] = INPUTS_MOUNT
-    return ResolvedRun.model_validate(data), mounts
+    return relocate_inputs(resolved, mount, INPUTS_MOUNT), mounts
 
 
 class DockerBackend:

@@ -57,7 +57,7 @@ from pathlib import Path
 import paramiko
 
 from runner import images, ssh, sync
-from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status
+from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status, relocate_inputs
 from runner.backends.docker import INPUTS_MOUNT, RUN_MOUNT, TEST_LABEL_ENV
 from runner.errors import EXIT_FAILED, UserError
 from runner.hosts import Inventory, load_inventory
@@ -139,15 +139,12 @@ def remote_inputs(conn: ssh.Connection, resolved: ResolvedRun,
     directory (a local model) file by file at its relative paths. Hub ids are
     left alone.
     """
-    job_dir = Path(resolved.job_dir)
     mounts: list[tuple[str, str]] = []
     sent = 0
     slots = itertools.count()
 
-    def send(path_text: str, must_exist: bool) -> str | None:
+    def send(path: Path, must_exist: bool) -> str | None:
         nonlocal sent
-        path = Path(path_text).expanduser()
-        path = path if path.is_absolute() else job_dir / path
         if not path.exists():
             if must_exist:
                 raise UserError(f"input not found: {path}", field="data")
@@ -163,19 +160,7 @@ def remote_inputs(conn: ssh.Connection, resolved: ResolvedRun,
             mounts.append((pushed.remote_path, f"{target}/{file.relative_to(path).as_posix()}"))
         return target
 
-    data = resolved.model_dump(mode="json")
-    experiment = data["experiment"]
-    for spec in [experiment["data"]] + [p["data"] for p in experiment.get("phases", []) if p.get("data")]:
-        for source in spec["sources"]:
-            if source.get("path"):
-                source["path"] = send(source["path"], must_exist=True)
-    model = experiment["model"]
-    if model.get("path"):
-        model["path"] = send(model["path"], must_exist=True)
-    if model.get("tokenizer"):
-        model["tokenizer"] = send(model["tokenizer"], must_exist=False) or model["tokenizer"]
-    data["job_dir"] = root
-    return ResolvedRun.model_validate(data), mounts, sent
+    return relocate_inputs(resolved, send, root), mounts, sent
 
 
 # --------------------------------------------------------------------------- the image
