@@ -22,6 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 from runner import images
 from runner.backends import (DEFAULT_GRACE_S, LOG_FILE, Backend, LaunchSpec, Status, choose_backend, get_backend,
                              trainer_env)
+from runner.backends.native import process_alive
 from runner.catalog import Profile, profile as catalog_profile
 from runner.errors import EXIT_REFUSED, UserError, UserErrors
 from runner.hosts import Hardware, Host, Inventory, hardware, load_inventory
@@ -342,24 +343,12 @@ def _last_line(log: Path) -> str | None:
 
 # --- reconciling ------------------------------------------------------------------------------
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reconcile_run(store: Store, run: Run) -> Run:
     """Bring one active run in line with reality; terminal runs are returned as they are."""
     if run.state in TERMINAL:
         return run
     if not run.handle:
-        if run.launcher_pid == os.getpid() or _pid_alive(run.launcher_pid):
+        if run.launcher_pid == os.getpid() or (run.launcher_pid and process_alive(run.launcher_pid)):
             return run  # still being launched
         try:
             return store.transition(run.id, "failed", "the runner launching it exited before the trainer started",

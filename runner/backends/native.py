@@ -80,7 +80,8 @@ def _start_ticks(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def _alive(pid: int, start: str | None) -> bool:
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` runs (not a zombie) and, given its start time from /proc, is still the same one."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -135,7 +136,7 @@ class NativeBackend:
         child = self._children.get(pid)
         if child is not None:
             return child.poll() is None  # also reaps it, so it does not linger as a zombie
-        return _alive(pid, start)
+        return process_alive(pid, start)
 
     def poll(self, handle: str, run_dir: Path) -> Status:
         """Running while the supervisor lives; then the exit code it left in the run directory."""
