@@ -2,11 +2,12 @@
 
 ``probe(...)`` writes one small job per (model, sequence length), runs each on
 the host through the same dispatch path as ``runner run`` (so the runs are in
-the run store too), and records tokens/s, step time, peak memory and stability
-in the ``probes`` table beside the runs, with the host, profile, software and
-date. ``capacity(results, hours)`` turns probe results into the capacity table:
-tokens reachable in ``hours`` per configuration, which fit, and a recommended
-primary and fallback configuration.
+the run store too), and records tokens/s (after the first logged steps, which
+hold compilation and start-up), step time, peak memory and stability in the
+``probes`` table beside the runs, with the host, profile, software and date.
+``capacity(results, hours)`` turns probe results into the capacity table: tokens
+reachable in ``hours`` per configuration, which fit, and a recommended primary
+and fallback configuration.
 
 The recommendation follows the compute-optimal rule of thumb (Hoffmann et al.
 2022, about 20 training tokens per parameter): the primary configuration is the
@@ -272,7 +273,7 @@ def _probe_one(store, dispatch, job_file: Path, host: str, model: str, seq_len: 
     run = dispatch.wait(store, run.id)
     summary = dispatch.read_summary(Path(run.run_dir)) or {}
     outcome, detail = _outcome(run.state, run.reason, summary)
-    tokens_per_s = summary.get("tokens_per_s")
+    tokens_per_s = steady_tokens_per_s(Path(run.run_dir)) or summary.get("tokens_per_s")
     tokens_per_step = stage.tokens_per_step(prepared.resolved.gpus)
     return ProbeResult(
         **base, micro_batch=stage.micro_batch, grad_accum=stage.grad_accum, precision=prepared.resolved.precision,
@@ -280,6 +281,25 @@ def _probe_one(store, dispatch, job_file: Path, host: str, model: str, seq_len: 
         step_s=tokens_per_step / tokens_per_s if tokens_per_s else None, wall_s=run.wall_s,
         peak_bytes=summary.get("peak_bytes"), outcome=outcome, detail=detail,
         versions=versions(run.backend, run.image), run_id=run.id)
+
+
+def steady_tokens_per_s(run_dir: Path) -> float | None:
+    """A run's training rate after its first logged window, from its metrics.jsonl (None with fewer than two).
+
+    The first window holds what a run pays once (torch.compile, CUDA start-up, the
+    allocator warming up). Left in the rate, it makes a short probe's rate far too
+    low on a GPU, where compiling can outlast the probe's steps; left out, it lands
+    in the probe's fixed overhead (wall time beyond tokens / rate), which the
+    planner adds once per run.
+    """
+    from runner.compare import read_events
+
+    windows = [e for e in read_events(run_dir / "metrics.jsonl") if e.get("event") == "train" and e.get("tokens_per_s")]
+    if len(windows) < 2:
+        return None
+    tokens = [later["tokens"] - earlier["tokens"] for earlier, later in zip(windows, windows[1:])]
+    seconds = sum(n / w["tokens_per_s"] for n, w in zip(tokens, windows[1:]))
+    return sum(tokens) / seconds if seconds > 0 else None
 
 
 def _outcome(state: str, reason: str, summary: dict) -> tuple[Outcome, str]:

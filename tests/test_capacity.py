@@ -1,6 +1,10 @@
 """The capacity table: tokens a host reaches in the time given per probed configuration, and what to train there."""
 
-from runner.capacity import ProbeResult, capacity, capacity_table
+import json
+
+import pytest
+
+from runner.capacity import ProbeResult, capacity, capacity_table, steady_tokens_per_s
 from runner.presets import lookup_preset
 
 GiB = 2**30
@@ -44,8 +48,6 @@ def test_when_nothing_reaches_the_rule_the_closest_is_primary_and_nothing_clean_
 
 
 def test_a_probe_that_cannot_run_is_refused_before_anything_starts(tmp_path):
-    import pytest
-
     from runner.capacity import probe
     from runner.errors import UserError
     from runner.store import Store
@@ -59,3 +61,19 @@ def test_a_probe_that_cannot_run_is_refused_before_anything_starts(tmp_path):
         assert store.runs() == [] and not (tmp_path / "probes").exists()
     finally:
         store.close()
+
+
+def test_a_probes_rate_leaves_out_its_first_logged_steps_where_compilation_and_start_up_are_paid(tmp_path):
+    # Windows of 8 steps of 16,384 tokens: the first took 40 s (torch.compile), the next 1.0 s and 1.2 s.
+    window = 8 * 16_384
+    seconds = [40.0, 1.0, 1.2]
+    events = [{"event": "eval", "step": 0, "eval_loss": 9.1}]
+    events += [{"event": "train", "step": 8 * (i + 1), "tokens": window * (i + 1), "tokens_per_s": window / s}
+               for i, s in enumerate(seconds)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert steady_tokens_per_s(tmp_path) == pytest.approx(2 * window / 2.2)
+
+    # One window alone is all start-up and steps mixed: no steady rate (the probe keeps the run's own).
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(events[1]) + "\n")
+    assert steady_tokens_per_s(tmp_path) is None
+    assert steady_tokens_per_s(tmp_path / "missing") is None
