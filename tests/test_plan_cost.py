@@ -6,7 +6,7 @@ import pytest
 
 from runner.hosts import Host, Inventory
 from runner.plan import Measured, plan_hosts, plan_job, resolve
-from runner.plan.cost import estimate_cost, executed_flops_per_token, flops_per_token
+from runner.plan.cost import estimate_cost, executed_flops_per_token, fit_micro_batch_time, flops_per_token
 from runner.presets import PRESETS
 from runner.spec import load_jobs
 
@@ -93,11 +93,30 @@ def test_measured_throughput_replaces_the_catalog_assumption():
 
 
 def test_estimate_cost_flags_caps_directly():
-    cost = estimate_cost(PRESETS["tiny"], [(128, 10**6)], peak_flops=1e12, efficiency=0.5, gpus=1,
+    cost = estimate_cost(PRESETS["tiny"], [(128, 10**6, 500)], peak_flops=1e12, efficiency=0.5, gpus=1,
                          price_usd_per_hour=3600.0, lora=False, gradient_checkpointing=False,
                          max_cost_usd=0.01, max_hours=None)
     assert cost.over_cost and not cost.over_hours
     assert cost.cost_usd == pytest.approx(cost.seconds)
+
+
+def test_a_measured_fixed_cost_is_paid_per_micro_batch_and_the_tokens_at_the_measured_rate():
+    measured = Measured(tokens_per_s=10_000, source="calibrated", micro_batch_s=0.1, overhead_s=5.0)
+    cost = estimate_cost(PRESETS["tiny"], [(128, 10**6, 500)], peak_flops=1e12, efficiency=0.5, gpus=1,
+                         price_usd_per_hour=1.0, lora=False, gradient_checkpointing=False, max_cost_usd=None,
+                         max_hours=None, measured={128: measured})
+    assert cost.seconds == pytest.approx(500 * 0.1 + 10**6 / 10_000 + 5.0)
+    assert cost.stages[0].tokens_per_s == pytest.approx(10**6 / 150)
+
+
+def test_the_micro_batch_fit_is_a_line_through_the_points_and_refuses_one_that_makes_no_sense():
+    assert fit_micro_batch_time([(1000, 0.2), (4000, 0.5)]) == pytest.approx((0.1, 10_000))
+    noisy = fit_micro_batch_time([(1000, 0.2 * 1.02), (2000, 0.3 * 0.99), (4000, 0.5 * 1.01)])
+    assert noisy == pytest.approx((0.1, 10_000), rel=0.1)
+    assert fit_micro_batch_time([(1000, 0.2)]) is None  # one micro-batch: no line
+    assert fit_micro_batch_time([(1000, 0.2), (1000, 0.25)]) is None
+    assert fit_micro_batch_time([(1000, 0.1), (4000, 0.5)]) is None  # a negative fixed cost
+    assert fit_micro_batch_time([(1000, 0.3), (4000, 0.2)]) is None  # more tokens in less time
 
 
 def test_resolve_gives_the_trainer_every_decision():

@@ -226,8 +226,9 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
     reasons.extend(measured_reasons)
     warnings.extend(measured_warnings)
     # Epoch runs have one stage and no fixed step count: use the budget's estimate.
-    stage_tokens = [(s.seq_len, (budget.steps if s.steps is None else s.steps) * s.tokens_per_step(world))
-                    for s in budget.stages]
+    stage_steps = [budget.steps if s.steps is None else s.steps for s in budget.stages]
+    stage_tokens = [(s.seq_len, steps * s.tokens_per_step(world), steps * s.grad_accum)
+                    for s, steps in zip(budget.stages, stage_steps)]
     cost = estimate_cost(
         shape, stage_tokens, peak_flops=prof.peak_flops(precision), efficiency=prof.efficiency[precision],
         gpus=world, price_usd_per_hour=hw.price_usd_per_hour * train.nodes, lora=spec.lora is not None,
