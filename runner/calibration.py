@@ -12,15 +12,22 @@ precision:
    newest (one slow outlier, say a probe on a busy machine, does not drag it);
 4. otherwise the nearest shape by FLOPs per token, its tokens/s scaled by the
    ratio of FLOPs per token (a model twice as costly per token trains half as
-   many tokens per second).
+   many tokens per second), its fixed cost per micro-batch (below) as measured.
+
+Measured at two or more micro-batches (a probe measures two), the speed is a
+fixed cost per micro-batch plus a token rate, fitted to the median of the
+newest at each micro-batch (``runner.plan.cost.fit_micro_batch_time``): a step
+at a small micro-batch is mostly fixed cost, so a rate measured at one
+micro-batch does not hold at another. At one micro-batch, or where the fit makes
+no sense (a negative fixed cost), the time is proportional to the tokens.
 
 The answer carries the words the plan shows (``calibrated from 3 runs on
-a100-1``), the peak memory measured for an exact match (same micro-batch too),
-and the fixed overhead of a run on that host (start-up, evaluation,
-checkpoints), which short runs cannot hide. With nothing measured the planner
-keeps its catalog default (``runner.plan.measured`` checks a plan's memory
-against the peaks measured). Runs with a curriculum are not observations: their
-rate is a blend of several sequence lengths.
+a100-1``, ``... at 2 micro-batches``), the peak memory measured for an exact
+match (same micro-batch too), and the fixed overhead of a run on that host
+(start-up, evaluation, checkpoints), which short runs cannot hide. With nothing
+measured the planner keeps its catalog default (``runner.plan.measured`` checks
+a plan's memory against the peaks measured). Runs with a curriculum are not
+observations: their rate is a blend of several sequence lengths.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from runner.plan.cost import Measured
+from runner.plan.cost import Measured, fit_micro_batch_time
 from runner.presets import ModelShape
 from runner.units import format_count
 
@@ -40,7 +47,7 @@ if TYPE_CHECKING:
     from runner.spec import Experiment
     from runner.store import Store
 
-NEWEST = 5  # observations averaged per shape: recent runs reflect the host's current software
+NEWEST = 5  # observations averaged per shape and micro-batch: recent runs reflect the host's current software
 
 
 @dataclass(frozen=True)
@@ -141,17 +148,53 @@ class Calibration:
         target = shape.flops_per_token(seq_len)
         exact = [o for o in pool if o.shape == shape and o.seq_len == seq_len]
         if exact:
-            chosen = _newest(exact)
-            rate = statistics.median(o.tokens_per_s for o in chosen)
-            peaks = [o.peak_bytes for o in chosen if o.peak_bytes and (micro_batch is None or o.micro_batch == micro_batch)]
-            return Measured(rate, f"calibrated from {_count(chosen)} {where}", max(peaks) if peaks else None,
-                            _overhead(chosen))
+            speed = _speed(exact)
+            peaks = [o.peak_bytes for o in speed.observations
+                     if o.peak_bytes and (micro_batch is None or o.micro_batch == micro_batch)]
+            return Measured(speed.tokens_per_s, f"calibrated from {_count(speed.observations)} {where}{speed.said}",
+                            max(peaks) if peaks else None, _overhead(speed.observations), speed.micro_batch_s)
         nearest = min(pool, key=lambda o: abs(math.log(o.flops_per_token() / target)))
-        chosen = _newest([o for o in pool if o.shape == nearest.shape and o.seq_len == nearest.seq_len])
-        rate = statistics.median(o.tokens_per_s for o in chosen) * nearest.flops_per_token() / target
+        speed = _speed([o for o in pool if o.shape == nearest.shape and o.seq_len == nearest.seq_len])
         scaled = (f"nearest shape {format_count(nearest.shape.param_count())} params at seq {nearest.seq_len}, "
                   "scaled by FLOPs per token")
-        return Measured(rate, f"calibrated from {_count(chosen)} {where}; {scaled}", None, _overhead(chosen))
+        return Measured(speed.tokens_per_s * nearest.flops_per_token() / target,
+                        f"calibrated from {_count(speed.observations)} {where}{speed.said}; {scaled}", None,
+                        _overhead(speed.observations), speed.micro_batch_s)
+
+
+@dataclass(frozen=True)
+class _Speed:
+    """What the observations of one shape and sequence length say about its speed."""
+
+    observations: list[Observation]  # those used
+    tokens_per_s: float
+    micro_batch_s: float
+    said: str  # what the plan adds to "calibrated from ...": nothing at one micro-batch
+
+
+def _speed(observations: Sequence[Observation]) -> _Speed:
+    """Two terms from the newest at each micro-batch where there are two or more, else the median rate."""
+    by_batch: dict[int, list[Observation]] = {}
+    for o in observations:
+        if o.micro_batch:
+            by_batch.setdefault(o.micro_batch, []).append(o)
+    if len(by_batch) < 2:
+        chosen = _newest(observations)
+        return _Speed(chosen, statistics.median(o.tokens_per_s for o in chosen), 0.0, "")
+    points, chosen = [], []
+    for micro_batch, group in by_batch.items():
+        newest = _newest(group)
+        tokens = group[0].gpus * micro_batch * group[0].seq_len  # the processes take theirs at the same time
+        points.append((tokens, tokens / statistics.median(o.tokens_per_s for o in newest)))
+        chosen += newest
+    chosen.sort(key=lambda o: o.at)
+    at = f" at {len(points)} micro-batches"
+    fit = fit_micro_batch_time(points)
+    if fit is None:
+        return _Speed(chosen, statistics.median(o.tokens_per_s for o in chosen), 0.0,
+                      f"{at} (proportional: they fit no positive fixed cost)")
+    micro_batch_s, rate = fit
+    return _Speed(chosen, rate, micro_batch_s, f"{at} ({micro_batch_s * 1000:.0f} ms fixed per micro-batch)")
 
 
 def _newest(observations: Sequence[Observation]) -> list[Observation]:

@@ -122,3 +122,63 @@ def test_a_measured_peak_over_capacity_refuses_the_plan_and_one_above_the_estima
     assert plan.passes and any("30% above the estimate" in w for w in plan.warnings)
     other_batch = Calibration((cpu_obs(128, 10_000, peak=estimate.capacity_bytes + GiB, micro_batch=64),))
     assert plan_job(job, "local", inventory=inventory, throughput=other_batch).passes
+
+
+def affine_rate(micro_batch, seq, *, fixed_s, tokens_per_s):
+    """tokens/s of a host whose micro-batch costs ``fixed_s`` plus its tokens at ``tokens_per_s``."""
+    tokens = micro_batch * seq
+    return tokens / (fixed_s + tokens / tokens_per_s)
+
+
+def at_batch(micro_batch, rate, **kw):
+    return replace(obs(rate=rate, **kw), micro_batch=micro_batch)
+
+
+def test_two_micro_batches_give_a_fixed_cost_per_micro_batch_that_predicts_a_third():
+    # Like llama-7b LoRA on an H100: ~124 ms per micro-batch whatever its size, then ~8.8k tokens/s.
+    truth = dict(fixed_s=0.124, tokens_per_s=8_800)
+    noisy = [at_batch(mb, affine_rate(mb, 1024, **truth) * wobble, at=i)
+             for i, (mb, wobble) in enumerate([(8, 1.03), (8, 0.98), (8, 1.0), (32, 0.97), (32, 1.01)])]
+    m = Calibration(tuple(noisy)).measured("a100-1", "a100-80gb", D12, 1024, "bf16", micro_batch=2)
+    step_s = 0.124 + 2 * 1024 / 8_800
+    assert m.seconds(2 * 1024, 1) == pytest.approx(step_s, rel=0.05)
+    assert m.micro_batch_s == pytest.approx(0.124, rel=0.15)
+    proportional = 2 * 1024 / affine_rate(32, 1024, **truth)
+    assert proportional < 0.7 * step_s  # what the rate measured at micro-batch 32 alone would have said
+    assert m.source == "calibrated from 5 runs on a100-1 at 2 micro-batches (111 ms fixed per micro-batch)"
+
+
+def test_one_micro_batch_keeps_the_rate_proportional_to_the_tokens():
+    cal = Calibration((at_batch(16, 90_000), at_batch(16, 100_000, at=2), at_batch(16, 120_000, at=3)))
+    m = cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16", micro_batch=4)
+    assert m.tokens_per_s == 100_000 and m.micro_batch_s == 0
+    assert m.seconds(10**6, 1000) == pytest.approx(10**6 / 100_000)
+    assert m.source == "calibrated from 3 runs on a100-1"
+
+
+def test_micro_batches_that_fit_a_negative_fixed_cost_fall_back_to_proportional():
+    # The small micro-batch ran faster per token than the large one: noise, or a slow large run.
+    cal = Calibration((at_batch(4, 120_000, at=1), at_batch(16, 100_000, at=2)))
+    m = cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16")
+    assert m.micro_batch_s == 0 and m.tokens_per_s == pytest.approx(110_000)
+    assert m.source == "calibrated from 2 runs on a100-1 at 2 micro-batches (proportional: they fit no positive fixed cost)"
+
+
+def test_the_newest_at_each_micro_batch_are_fitted_so_an_old_small_batch_still_counts():
+    truth = dict(fixed_s=0.05, tokens_per_s=100_000)
+    small = [at_batch(2, affine_rate(2, 1024, **truth), at=0)]
+    large = [at_batch(16, affine_rate(16, 1024, **truth), at=10 + i) for i in range(8)]
+    m = Calibration(tuple(small + large)).measured("a100-1", "a100-80gb", D12, 1024, "bf16")
+    assert m.micro_batch_s == pytest.approx(0.05) and m.tokens_per_s == pytest.approx(100_000)
+    assert m.source.startswith("calibrated from 6 runs on a100-1 at 2 micro-batches")
+
+
+def test_the_plan_pays_the_fixed_cost_per_micro_batch_and_says_it_was_fitted():
+    job, inventory = quickstart_on_cpu("train.grad_accum=2")
+    truth = dict(fixed_s=0.05, tokens_per_s=20_000)
+    cal = Calibration((cpu_obs(128, affine_rate(16, 128, **truth), micro_batch=16, overhead=3.0),
+                       cpu_obs(128, affine_rate(4, 128, **truth), micro_batch=4, overhead=3.0)))
+    plan = plan_job(job, "local", inventory=inventory, throughput=cal)
+    assert plan.throughput_source == "calibrated from 2 probes on local at 2 micro-batches (50 ms fixed per micro-batch)"
+    micro_batches = plan.steps * plan.grad_accum
+    assert plan.seconds == pytest.approx(micro_batches * 0.05 + plan.tokens / 20_000 + 3.0)
