@@ -1,13 +1,16 @@
 """Probe a host: short fixed-step training runs per shape, and what the host can do in a day.
 
-``probe(...)`` writes one small job per (model, sequence length), runs each on
+``probe(...)`` writes small jobs per (model, sequence length), runs each on
 the host through the same dispatch path as ``runner run`` (so the runs are in
 the run store too), and records tokens/s (after the first logged steps, which
 hold compilation and start-up), step time, peak memory and stability in the
 ``probes`` table beside the runs, with the host, profile, software and date.
-``capacity(results, hours)`` turns probe results into the capacity table: tokens
-reachable in ``hours`` per configuration, which fit, and a recommended primary
-and fallback configuration.
+Each shape runs twice: at the micro-batch a job would use, then at a quarter of
+it, so that the calibration can tell the fixed cost of a micro-batch from the
+cost of its tokens. ``capacity(results, hours)`` turns probe results (those at
+the micro-batch a job would use) into the capacity table: tokens reachable in
+``hours`` per configuration, which fit, and a recommended primary and fallback
+configuration.
 
 The recommendation follows the compute-optimal rule of thumb (Hoffmann et al.
 2022, about 20 training tokens per parameter): the primary configuration is the
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
 TOKENS_PER_PARAM = 20  # compute-optimal training tokens per parameter (Chinchilla)
 DEFAULT_STEPS = 30
+SMALL_SHARE = 4  # the second run of a shape takes a quarter of the micro-batch: mostly fixed cost, clearly apart
 Outcome = Literal["ok", "oom", "diverged", "error", "refused"]
 
 SCHEMA = """
@@ -145,14 +149,6 @@ def results(store: Store, host: str | None = None) -> list[ProbeResult]:
     return out
 
 
-def latest(found: Sequence[ProbeResult]) -> list[ProbeResult]:
-    """The newest result per (host, model, seq_len), in the order first probed."""
-    newest: dict[tuple[str, str, int], ProbeResult] = {}
-    for r in sorted(found, key=lambda r: r.probed_at):
-        newest[(r.host, r.model, r.seq_len)] = r
-    return list(newest.values())
-
-
 def probe_run_ids(store: Store) -> set[str]:
     with closing(_connect(store)) as db:
         return {r[0] for r in db.execute("SELECT run_id FROM probes WHERE run_id IS NOT NULL")}
@@ -176,15 +172,15 @@ def sample_data_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "sample"
 
 
-def probe_job(model: str, seq_len: int, steps: int, batch_size: int | str, data: Path) -> str:
-    """A job file that trains ``model`` for exactly ``steps`` steps at ``seq_len``: no evals."""
+def probe_job(model: str, seq_len: int, steps: int, batch_size: int | str, data: Path, name: str) -> str:
+    """A job file named ``name`` that trains ``model`` for exactly ``steps`` steps at ``seq_len``: no evals."""
     sources = [data / "news.jsonl", data / "filings.txt"]
     missing = [p for p in sources if not p.is_file()]
     if missing:
         raise UserError(f"the sample data probes train on is missing: {missing[0]}", field="probe",
                         hint="probe from a checkout of the runner's sources, which ship data/sample")
     return json.dumps({
-        "name": f"probe-{model}-s{seq_len}",
+        "name": name,
         "description": f"capacity probe: {steps} steps of {model} at seq_len {seq_len}",
         "model": model,
         "data": {"sources": [{"path": str(p)} for p in sources], "validation": 0, "seq_len": seq_len},
@@ -218,7 +214,13 @@ def _version(package: str) -> str | None:
 def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int], *, steps: int = DEFAULT_STEPS,
           batch_size: int | str = "auto", backend: str | None = None, inventory: Inventory | None = None,
           say: Callable[[str], None] = print) -> list[ProbeResult]:
-    """Run one short training run per (model, seq_len) on ``host`` and record each result."""
+    """Probe each (model, seq_len) on ``host``, record every run, and return one result per shape.
+
+    A shape runs two thirds of ``steps`` at ``batch_size`` (the largest that fits
+    for ``auto``) and, when that ran cleanly, the other third at a quarter of that
+    micro-batch: about the time of one run of ``steps``, plus a second start-up.
+    The result returned is the first run's, the micro-batch a job would use.
+    """
     from runner import dispatch
     from runner.hosts import hardware, load_inventory
 
@@ -236,18 +238,29 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
     hw = hardware(inventory.get(host))
     folder = store.path.parent / "probes" / f"{host}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True, exist_ok=True)
+    small_steps = steps // 3
+
+    def run(model: str, seq_len: int, run_steps: int, micro_batch: int | str, name: str) -> ProbeResult:
+        job_file = folder / f"{name}.yaml"
+        job_file.write_text(probe_job(model, seq_len, run_steps, micro_batch, sample_data_dir(), name))
+        result = _probe_one(store, dispatch, job_file, host, model, seq_len, run_steps, hw, backend, inventory, say)
+        record(store, result)
+        say(f"probe {model} seq {seq_len} on {host}: {result.outcome}"
+            + (f" at micro-batch {result.micro_batch}" if result.micro_batch else "")
+            + (f", {format_count(result.tokens_per_s)} tokens/s" if result.tokens_per_s else "")
+            + (f", peak {format_bytes(result.peak_bytes)}" if result.peak_bytes else "")
+            + (f" ({result.detail})" if result.outcome != "ok" else ""))
+        return result
+
     out = []
     for model in models:
         for seq_len in seq_lens:
-            job_file = folder / f"probe-{model}-s{seq_len}.yaml"
-            job_file.write_text(probe_job(model, seq_len, steps, batch_size, sample_data_dir()))
-            result = _probe_one(store, dispatch, job_file, host, model, seq_len, steps, hw, backend, inventory, say)
-            record(store, result)
+            name = f"probe-{model}-s{seq_len}"
+            result = run(model, seq_len, steps - small_steps, batch_size, name)
             out.append(result)
-            say(f"probe {model} seq {seq_len} on {host}: {result.outcome}"
-                + (f", {format_count(result.tokens_per_s)} tokens/s" if result.tokens_per_s else "")
-                + (f", peak {format_bytes(result.peak_bytes)}" if result.peak_bytes else "")
-                + (f" ({result.detail})" if result.outcome != "ok" else ""))
+            small = max(1, result.micro_batch // SMALL_SHARE)
+            if result.stable and small_steps and small < result.micro_batch:
+                run(model, seq_len, small_steps, small, f"{name}-b{small}")
     return out
 
 

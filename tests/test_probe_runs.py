@@ -124,7 +124,9 @@ def test_after_one_probe_the_plan_and_the_run_use_the_probed_rate_and_compare_le
     sets = [f"budget.tokens={tokens}"]
     job = load_jobs(QUICKSTART, sets)[0]
     plan = plan_job(job, "local", inventory=inventory, throughput=Calibration.from_store(store))
-    assert uncalibrated.throughput_source != plan.throughput_source == "calibrated from 1 probe on local"
+    # The probe ran at micro-batch 16 and at 4: the plan fits a fixed cost per micro-batch, or says it found none.
+    assert plan.throughput_source.startswith("calibrated from 2 probes on local at 2 micro-batches (")
+    assert [r.micro_batch for r in capacity.results(store, "local")] == [16, 4]
     assert plan.seconds != uncalibrated.seconds * tokens / uncalibrated.tokens
 
     run = run_job(store, "local", inventory, "native", sets)
