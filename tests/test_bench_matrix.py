@@ -80,23 +80,42 @@ def test_a_run_that_runs_out_of_memory_or_over_the_cap_does_not_fit():
     assert bench.verdict(True, {"status": "timeout"}, cap)["agrees"] is None
 
 
-def test_the_probe_scales_the_reference_speed_by_executed_flops_per_token():
+def test_the_probe_scales_the_reference_speed_by_executed_flops_per_token_and_adds_its_fixed_cost():
     reference, other = bench.matrix()[0], bench.Config("llama-1b", 1024, 8, "bf16", checkpointing=True)
     flops_per_s = 100_000 * bench.executed_flops(reference)
-    probe = bench.ProbedThroughput(flops_per_s, reference.name)
-    plan = bench.plan_for(other, bench.H100, throughput=probe)
+    plan = bench.plan_for(other, bench.H100, throughput=bench.ProbedThroughput(flops_per_s, 0.0, reference.name))
     assert plan.tokens_per_s == pytest.approx(flops_per_s / bench.executed_flops(other))
     assert plan.throughput_source == f"probed by {reference.name}"
+    fixed = bench.plan_for(other, bench.H100, throughput=bench.ProbedThroughput(flops_per_s, 0.1, reference.name))
+    step_s = bench.tokens_per_step(other) / fixed.tokens_per_s
+    assert step_s == pytest.approx(0.1 + bench.tokens_per_step(other) * bench.executed_flops(other) / flops_per_s)
 
 
-def test_calibration_probes_each_shape_once_and_predicts_the_rest_of_its_kind():
-    first, same_kind = bench.Config("d20", 2048, 4, "bf16"), bench.Config("d20", 2048, 16, "bf16", checkpointing=True)
-    measured = {"status": "ok", "device": "cuda", "peak_bytes": 1, "mean_step_s": 0.1, "tokens_per_s": 81920.0}
-    entries = [bench.record("matrix", c, dict(measured)) for c in (first, same_kind)]
-    references = bench.calibrate(entries)
-    assert references == {"d20/False/False": first.name}
-    assert entries[0]["reference"] and not entries[1]["reference"]
-    assert entries[1]["predicted_probed"]["source"] == f"probed by {first.name}"
+def ran(config, step_s, part="matrix"):
+    measured = {"status": "ok", "device": "cuda", "peak_bytes": 1, "mean_step_s": step_s,
+                "tokens_per_s": bench.tokens_per_step(config) / step_s}
+    return bench.record(part, config, measured)
+
+
+def test_each_shape_is_probed_at_two_micro_batches_and_the_rest_of_its_kind_is_predicted_out_of_sample():
+    first = bench.Config("gpt2-355m", 1024, 8, "bf16")
+    close = bench.Config("gpt2-355m", 1024, 12, "bf16")  # too near the first to tell a fixed cost
+    second = bench.Config("gpt2-355m", 1024, 16, "bf16")
+    other = bench.Config("gpt2-355m", 512, 16, "fp16", checkpointing=True)
+
+    def step_s(config):  # 20 ms per micro-batch, then the work at 100 TFLOP/s
+        return 0.02 + bench.tokens_per_step(config) * bench.executed_flops(config) / 1e14
+
+    entries = [ran(first, step_s(first)), ran(close, step_s(close)), ran(second, step_s(second), "fit24"),
+               ran(other, step_s(other), "fit40")]
+    assert bench.calibrate(entries) == {"gpt2-355m/False/False": [first.name, second.name]}
+    assert [e["reference"] for e in entries] == [True, False, True, False]
+    for e in (entries[1], entries[3]):
+        assert e["predicted_probed"]["source"] == f"probed by {first.name} and {second.name}"
+        assert e["error_pct"]["step_probed"] == pytest.approx(0, abs=1e-6)
+        assert e["error_pct"]["step_one_run"] != pytest.approx(0, abs=1)  # the first run alone misses the fixed cost
+    summary = bench.summarize(entries)
+    assert summary["step_within_15pct"] == summary["step_compared"] == 2
 
 
 @pytest.mark.slow
