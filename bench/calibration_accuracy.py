@@ -15,6 +15,10 @@ Usage:
     python3 bench/calibration_accuracy.py --model gpt2-124m --seq 1024 --batch 16 --probe-steps 100 \\
         --set eval.every_steps=1000 --set checkpoint.every_steps=1000 --out calibration-gpu.json   # on a GPU
 
+``--job-batch`` plans and runs the job at another micro-batch than the probe's:
+then the plan stands on the fixed cost per micro-batch that the probe's second,
+smaller run measured.
+
 Both tokens/s are rates after the first logged steps, which hold compilation and
 start-up (a run's fixed overhead). On a GPU, ``--set`` spaces out the
 quickstart's evaluations and checkpoints, every 50 steps for a CPU: there they
@@ -65,6 +69,8 @@ class Round:
 
     @property
     def planned_overhead_s(self) -> float:
+        """Planned time beyond the tokens at the probe's rate: the run's fixed overhead, and with
+        ``--job-batch`` the fixed cost of the job's extra micro-batches too."""
         return self.planned_s - self.tokens / self.probe_tokens_per_s
 
     @property
@@ -82,9 +88,10 @@ def one_round(args: argparse.Namespace, inventory: Inventory) -> Round:
                                        say=lambda _: None)
             if not probed.stable:
                 raise SystemExit(f"probe {probed.run_id}: {probed.outcome}: {probed.detail}")
-            tokens_per_step = args.seq * args.batch
+            job_batch = args.job_batch or args.batch
+            tokens_per_step = args.seq * job_batch
             tokens = int(probed.tokens_per_s * args.seconds / tokens_per_step) * tokens_per_step
-            sets = [f"model={args.model}", f"data.seq_len={args.seq}", f"train.batch_size={args.batch}",
+            sets = [f"model={args.model}", f"data.seq_len={args.seq}", f"train.batch_size={job_batch}",
                     f"budget.tokens={tokens}", *args.sets]
             # planned with the calibration in this store, as `runner run` plans
             (prepared,) = dispatch.prepare(QUICKSTART, host="local", inventory=inventory, backend="native", sets=sets)
@@ -113,7 +120,8 @@ def report(args: argparse.Namespace, inventory: Inventory, rounds: list[Round]) 
         "date": datetime.date.today().isoformat(), "device": detect_local().device_name, "profile": hw.profile.id,
         "gpus": hw.gpus,
         "python": platform.python_version(), "torch": _version("torch"), "transformers": _version("transformers"),
-        "model": args.model, "seq_len": args.seq, "micro_batch": args.batch, "probe_steps": args.probe_steps,
+        "model": args.model, "seq_len": args.seq, "micro_batch": args.batch, "job_micro_batch": args.job_batch or args.batch,
+        "probe_steps": args.probe_steps,
         "seconds": args.seconds, "sets": args.sets,
         "rounds": [{**asdict(r), "error": round(r.error, 4), "planned_overhead_s": round(r.planned_overhead_s, 1),
                     "measured_overhead_s": round(r.measured_overhead_s, 1)} for r in rounds],
@@ -135,6 +143,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="a model preset (default: the quickstart's)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length of the probe and the job")
     parser.add_argument("--batch", type=int, default=16, help="micro-batch of the probe and the job")
+    parser.add_argument("--job-batch", type=int, help="micro-batch of the job, when not the probe's: "
+                        "checks the fixed cost per micro-batch that the probe's second, smaller run measures")
     parser.add_argument("--probe-steps", type=int, default=40, help="steps of each probe")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                         help="another override of the job (not the probe), as `runner run --set`")
