@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from runner.hosts import Host, Inventory
-from runner.plan import AUTO_MARGIN, plan_job
+from runner.plan import AUTO_MARGIN, plan_job, plan_resolved, resolve
 from runner.plan.memory import LoraShape, estimate_memory, lora_params
 from runner.presets import PRESETS
 from runner.spec import load_jobs
@@ -223,6 +223,27 @@ budget: {tokens: 1M}
 """)
     plan = plan_job(job, "a100", inventory=INVENTORY)
     assert plan.grad_accum == 2 and plan.micro_batch > 8
+
+
+def test_a_resolved_run_is_planned_on_another_host_with_its_micro_batch_and_precision_kept(tmp_path):
+    job = job_from(tmp_path, """\
+name: medium
+model: gpt2-355m
+data: {sources: [{path: d.txt}], seq_len: 1024}
+train: {batch_size: auto, tokens_per_step: 40960}
+budget: {tokens: 100M}
+""")
+    on_a100 = resolve(job, "a100", inventory=INVENTORY)
+    assert [(s.micro_batch, s.grad_accum) for s in on_a100.stages] == [(40, 1)]  # about 42 GiB of 80
+    moved = plan_resolved(on_a100, "rtx4090", job_file=job.file, inventory=INVENTORY)
+    assert (moved.micro_batch, moved.grad_accum, moved.precision) == (40, 1, "bf16")
+    assert not moved.passes and moved.reasons == ("needs 41.7 GiB but rtx4090 has 23.0 GiB usable: 20.5 GiB short",)
+    fresh = plan_job(job, "rtx4090", inventory=INVENTORY)  # a new run picks its micro-batch for the 4090
+    assert fresh.passes and fresh.micro_batch < 40 and fresh.micro_batch * fresh.grad_accum >= 40
+    assert plan_resolved(on_a100, "a100", job_file=job.file, inventory=INVENTORY).passes
+    v100 = Inventory({"v": Host(name="v", profile="v100-32gb")}, None)
+    assert plan_resolved(on_a100, "v", job_file=job.file, inventory=v100).reasons[0].startswith(
+        "bf16 is not supported on v100-32gb")  # a new run would pick fp16 there; this one trains in bf16
 
 
 def test_precision_auto_resolves_per_profile(tmp_path):

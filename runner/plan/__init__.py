@@ -2,7 +2,8 @@
 
 ``plan_job(job, host)`` answers for one host, ``plan_hosts`` for several, and
 ``resolve(job, host)`` turns a passing plan into the ``ResolvedRun`` the trainer
-executes. Nothing here imports torch.
+executes; ``plan_resolved(run, host)`` asks whether such a run, as it was
+resolved, fits another host. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from runner.presets import ModelShape
 from runner.resolved import ResolvedRun, StagePlan
 from runner.spec import Experiment, Job, resolve_shape
 from runner.units import format_bytes, format_duration
+from runner.yamldoc import Doc
 
-__all__ = ["Plan", "Fix", "MemoryBreakdown", "Measured", "ThroughputSource", "plan_job", "plan_hosts", "resolve"]
+__all__ = ["Plan", "Fix", "MemoryBreakdown", "Measured", "ThroughputSource", "plan_job", "plan_hosts", "resolve",
+           "plan_resolved"]
 
 AUTO_MARGIN = 0.10  # batch_size auto leaves this share of capacity free: the memory model is good to ~10%
 MAX_AUTO_MICRO_BATCH = 1024
@@ -119,6 +122,29 @@ def resolve(job: Job, host: Host | str = "local", plan: Plan | None = None, *,
         epochs=spec.budget.epochs if spec.budget.tokens is None else None,
         max_seconds=spec.budget.max_hours * 3600 if spec.budget.max_hours else None,
     )
+
+
+def plan_resolved(resolved: ResolvedRun, host: Host | str, *, job_file: str, inventory: Inventory | None = None,
+                  throughput: ThroughputSource | None = None) -> Plan:
+    """Plan a run as it was resolved, on ``host``: does *that* run fit there (before it moves)?
+
+    Its micro-batch, accumulation, precision, compilation and parallelism stay as
+    resolved, because a resumed run's data position and token count depend on
+    them. Its money and time caps are left out: they are enforced while it
+    trains, so what refuses it here is the host (memory, GPUs, precision).
+    ``job_file`` is the file it came from (relative paths resolve beside it).
+    """
+    spec = resolved.experiment
+    pinned: dict[str, object] = {"precision": resolved.precision, "compile": resolved.compile}
+    if not spec.curriculum:  # a curriculum's stages carry their own batch, resolved as written
+        first = resolved.stages[0]
+        pinned |= {"batch_size": first.micro_batch, "grad_accum": first.grad_accum, "tokens_per_step": None}
+    if resolved.world_size > 1:
+        pinned["parallelism"] = resolved.parallelism
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update=pinned),
+                                   "budget": spec.budget.model_copy(update={"max_cost_usd": None, "max_hours": None})})
+    return plan_job(Job(spec=spec, file=job_file, doc=Doc({}, job_file)), host, inventory=inventory,
+                    throughput=throughput)
 
 
 def _host(host: Host | str, inventory: Inventory | None) -> Host:
