@@ -579,14 +579,16 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 @command("resume", "start a stopped or failed run again from its last checkpoint, in the same run directory",
          arg("run_id", metavar="RUN", help="a run id or a unique prefix of one"),
-         arg("--host", metavar="NAME", help="continue a remote run on another SSH host"), *WAIT_ARGS, *STORE_ARGS)
+         arg("--host", metavar="NAME", help="continue a remote run on another SSH host, where it fits as resolved"),
+         arg("--force", action="store_true", help="move it even when it does not fit the host as resolved"),
+         *WAIT_ARGS, *STORE_ARGS)
 def run_resume(args: argparse.Namespace) -> int:
     from runner import dispatch
 
     store = open_store(args)
     offset = dispatch.log_size(store.get(args.run_id))
     try:
-        run = follow_run(args, store, dispatch.resume(store, args.run_id, host=args.host), offset)
+        run = follow_run(args, store, dispatch.resume(store, args.run_id, host=args.host, force=args.force), offset)
     except KeyboardInterrupt:
         return 130
     return report_runs(args, store, [run])

@@ -27,8 +27,8 @@ from runner.catalog import Profile, profile as catalog_profile
 from runner.errors import EXIT_REFUSED, UserError, UserErrors
 from runner.hosts import Hardware, Host, Inventory, hardware, load_inventory
 from runner.launch import launch_env
-from runner.calibration import default_calibration
-from runner.plan import Plan, plan_job, resolve
+from runner.calibration import Calibration, default_calibration
+from runner.plan import Plan, plan_job, plan_resolved, resolve
 from runner.resolved import ResolvedRun
 from runner.spec import Job, check_job, load_jobs
 from runner.store import ACTIVE, TERMINAL, IllegalTransition, Run, Store, data_dir
@@ -402,15 +402,15 @@ def cancel(store: Store, run_id: str, *, grace_s: float = DEFAULT_GRACE_S,
     return finish(store, run, status) if not status.running else store.get(run.id)
 
 
-def resume(store: Store, run_id: str, say: Say = _stderr, *, host: str | None = None) -> Run:
+def resume(store: Store, run_id: str, say: Say = _stderr, *, host: str | None = None, force: bool = False) -> Run:
     """Start a new attempt of a run that did not succeed, in the same run directory.
 
     The trainer continues from the newest intact checkpoint there. A remote run
-    may continue on another ``host``.
+    may continue on another ``host`` where it fits as resolved (or anyway, with ``force``).
     """
     run = reconcile_run(store, store.get(run_id))
     if run.backend == "ssh":
-        return resume_remote(store, run, host=host, say=say)
+        return resume_remote(store, run, host=host, force=force, say=say)
     if host not in (None, run.host):
         raise UserError(f"run {run.id} ran on {run.host} here; only runs on SSH hosts move", field="host")
     if run.state == "succeeded":
@@ -518,13 +518,16 @@ def sync_run(store: Store, run_id: str) -> SyncReport:
     return remote_backend().pull(run.host, run.id, Path(run.run_dir))
 
 
-def resume_remote(store: Store, run: Run, *, host: str | None = None, say: Say = _stderr) -> Run:
+def resume_remote(store: Store, run: Run, *, host: str | None = None, force: bool = False,
+                  say: Say = _stderr) -> Run:
     """Start a new attempt of a remote run, on its host or on ``host``, from the newest intact checkpoint.
 
-    What the old host still has comes home first, when it answers, and its old
-    container is removed; the newest checkpoint verified at home then goes to
-    the target host unless it has it (with the rest of the run directory when
-    the run moves), so the trainer continues from the newest one on either side.
+    A run that moves must fit the new host as it was resolved (``move_refusal``),
+    unless ``force``; a refused move changes nothing. What the old host still has
+    comes home first, when it answers, and its old container is removed; the
+    newest checkpoint verified at home then goes to the target host unless it
+    has it (with the rest of the run directory when the run moves), so the
+    trainer continues from the newest one on either side.
     """
     from runner.backends.ssh import newest_complete_checkpoint, remote_has_image
 
@@ -538,17 +541,14 @@ def resume_remote(store: Store, run: Run, *, host: str | None = None, say: Say =
                         f"with rank 0 on {run.host}", field="host", hint="start a new run to use other hosts")
     backend = remote_backend()
     target = backend.inventory.get(host or run.host)
-    if target.kind != "ssh":
-        raise UserError(f"{target.name} is this machine; a remote run resumes on an SSH host", field="host")
-    hw = hardware(target)
-    family = images.family_for(hw.profile)
-    if family is None:
-        raise UserError(f"profile {hw.profile.id} of {target.name} runs natively, not in a container", field="host")
-    planned = catalog_profile(run.profile)
-    if hw.profile.device != planned.device:
-        raise UserError(f"run {run.id} was planned for {planned.device} ({planned.id}); {target.name} trains on "
-                        f"{hw.profile.device} ({hw.profile.id})", field="host",
-                        hint="resume it on a host of the same kind, or start a new run there")
+    hw, family = _resume_target(run, target)
+    moved = target.name != run.host
+    if moved:  # before anything is pulled or copied: a refused move leaves the run as it was
+        refused = move_refusal(store, run, target, backend.inventory)
+        if refused is not None and not force:
+            raise refused
+        if refused is not None:
+            say(f"warning: {refused.message}; resuming it there anyway (--force)")
     local_dir = Path(run.run_dir)
     try:
         backend.pull(run.host, run.id, local_dir)
@@ -566,7 +566,6 @@ def resume_remote(store: Store, run: Run, *, host: str | None = None, say: Say =
             if remote_has_image(backend.connection(target.name), run.image):
                 image = replace(image, tag=run.image)
     resolved = ResolvedRun.model_validate_json(run.resolved_json)
-    moved = target.name != run.host
     on = f" on {target.name}" + (f" (moved from {run.host})" if moved else "")
     ended_attempt = run.attempt
     if moved:
@@ -586,6 +585,76 @@ def resume_remote(store: Store, run: Run, *, host: str | None = None, say: Say =
         raise
     say(f"run {run.id}: attempt {run.attempt} continues {where}{on}")
     return _start(store, run, resolved, hw.profile, image, say)
+
+
+def _resume_target(run: Run, target: Host) -> tuple[Hardware, str]:
+    """The hardware and image family of a host a remote run may resume on; UserError when it cannot."""
+    if target.kind != "ssh":
+        raise UserError(f"{target.name} is this machine; a remote run resumes on an SSH host", field="host")
+    hw = hardware(target)
+    family = images.family_for(hw.profile)
+    if family is None:
+        raise UserError(f"profile {hw.profile.id} of {target.name} runs natively, not in a container", field="host")
+    planned = catalog_profile(run.profile)
+    if hw.profile.device != planned.device:
+        raise UserError(f"run {run.id} was planned for {planned.device} ({planned.id}); {target.name} trains on "
+                        f"{hw.profile.device} ({hw.profile.id})", field="host",
+                        hint="resume it on a host of the same kind, or start a new run there")
+    return hw, family
+
+
+def move_refusal(store: Store, run: Run, target: Host, inventory: Inventory) -> UserError | None:
+    """Why a remote run, as it was resolved, cannot continue on ``target``, as an exit-3 error; None if it can.
+
+    The planner judges the resolved run there (micro-batch, accumulation and
+    precision kept, the store's measurements counted), and its GPUs must be free
+    of other active runs. The fixes are the other hosts where it would go on,
+    and a new run, which is planned for the host it starts on.
+    """
+    resolved = ResolvedRun.model_validate_json(run.resolved_json)
+    throughput = Calibration.from_store(store)
+
+    def why_not(host: Host) -> tuple[Plan, list[str]]:
+        plan = plan_resolved(resolved, host, job_file=run.job_file, inventory=inventory, throughput=throughput)
+        reasons = list(plan.reasons)
+        total, free = hardware(host).gpus, free_slots(store, host)
+        if free < resolved.gpus <= total:
+            reasons.append(f"runs active on {host.name} hold {total - free} of its {total} GPU slots; "
+                           f"this run needs {resolved.gpus}")
+        return plan, reasons
+
+    plan, reasons = why_not(target)
+    if not reasons:
+        return None
+    elsewhere = []
+    for host in inventory.hosts.values():
+        if host.name == target.name:
+            continue
+        try:
+            _resume_target(run, host)
+        except UserError:  # this machine, a native profile, another device kind, or not probed
+            continue
+        other, blocked = why_not(host)
+        if not blocked:
+            elsewhere.append(other)
+    fixes = [f"fix: resume it on {p.host} ({p.profile}), where it fits: runner resume {run.id}"
+             + ("" if p.host == run.host else f" --host {p.host}")
+             for p in sorted(elsewhere, key=lambda p: (p.cost_usd, p.seconds))[:2]]
+    if plan.reasons:  # the host itself refuses, not its other runs: a new run is planned for it
+        spec = resolved.experiment
+        new = f"runner run {run.job_file} --experiment {run.experiment} --host {target.name}"
+        if not plan.fits and not spec.curriculum:
+            new += "" if spec.train.batch_size == "auto" else " --set train.batch_size=auto"
+            fixes.append(f"fix: start a new run there instead; batch_size auto picks a micro-batch that fits "
+                         f"{target.name}: {new}")
+        else:
+            fixes.append(f"fix: start a new run there instead, planned for {target.name}: {new}")
+    batch = ", ".join(dict.fromkeys(f"{s.micro_batch} x {s.grad_accum}" for s in resolved.stages))
+    by_stage = " by stage" if len(resolved.stages) > 1 else ""
+    return UserError(
+        f"run {run.id} was resolved for {run.profile} on {run.host} (micro-batch {batch} accumulation{by_stage}, "
+        f"{resolved.precision}, kept on resume); refused on {target.name} ({plan.profile}): " + "; ".join(reasons),
+        field="host", hint="\n  ".join(fixes + ["or resume it there anyway with --force"]), exit_code=EXIT_REFUSED)
 
 
 def free_slots(store: Store, host: Host) -> int:

@@ -24,9 +24,9 @@ import pytest
 
 from conftest import OFFLINE_IMAGE_ENV, TEST_SESSION
 from runner import dispatch, images, ssh, sync
-from runner.backends.ssh import build_on_host, ensure_remote_image, remote_has_image, send_image
+from runner.backends.ssh import SSHBackend, build_on_host, ensure_remote_image, remote_has_image, send_image
 from runner.cli import main
-from runner.errors import UserError
+from runner.errors import EXIT_REFUSED, UserError
 from runner.store import Store
 from sshhosts import known_hosts_line
 
@@ -411,3 +411,89 @@ def test_runs_spread_over_hosts_one_per_free_slot_and_refuse_before_starting_whe
     store.transition(busy.id, "cancelled", "done")
     assert [p.host.name for p in dispatch.spread(store, [QUICKSTART], ["a", "b"])] == ["a"]
     assert store.runs() == [store.get(busy.id)]  # placing starts nothing
+
+
+# Two H100s and an RTX 4090 (addresses that never answer: nothing here reaches them).
+MOVE_HOSTS = """hosts:
+  h100-a: {address: 192.0.2.1, profile: h100-80gb, price_usd_per_hour: 2.49}
+  h100-b: {address: 192.0.2.2, profile: h100-80gb, price_usd_per_hour: 2.29}
+  rtx4090: {address: 192.0.2.3, profile: rtx-4090, price_usd_per_hour: 0.35}
+"""
+# batch_size auto picks micro-batch 40 on an H100: about 42 GiB.
+GPT2_MEDIUM = """name: medium
+model: gpt2-355m
+data: {sources: [{path: %s}], seq_len: 1024}
+train: {batch_size: auto, tokens_per_step: 40960}
+budget: {tokens: 100M}
+""" % (ROOT / "data" / "sample" / "news.jsonl")
+
+
+@pytest.fixture
+def lost_on_h100(tmp_home, monkeypatch):
+    """A run started on h100-a and lost there; the SSH steps of a resume are recorded, not done.
+
+    Yields the store, the run and the list of steps (pull, prepare_resume, launch with their hosts).
+    """
+    (tmp_home / "hosts.yaml").write_text(MOVE_HOSTS)
+    (tmp_home / "medium.yaml").write_text(GPT2_MEDIUM)
+    monkeypatch.setenv("RUNNER_HOSTS", str(tmp_home / "hosts.yaml"))
+    steps: list[tuple[str, str]] = []
+    monkeypatch.setattr(SSHBackend, "pull", lambda self, host, run_id, local_dir: steps.append(("pull", host)))
+    monkeypatch.setattr(SSHBackend, "release", lambda self, handle: None)
+    monkeypatch.setattr(SSHBackend, "connection", lambda self, host: None)
+    monkeypatch.setattr("runner.backends.ssh.remote_has_image", lambda connection, tag: False)
+    monkeypatch.setattr(SSHBackend, "prepare_resume",
+                        lambda self, host, *args, **kwargs: steps.append(("prepare_resume", host)))
+    monkeypatch.setattr(SSHBackend, "launch", lambda self, spec: steps.append(("launch", spec.resolved.host))
+                        or f"{spec.resolved.host}/c0ffee")
+    forget_connections()
+    store = Store.open()
+    (prep,) = dispatch.prepare(tmp_home / "medium.yaml", host="h100-a")
+    run = dispatch.launch(store, prep, say=lambda _: None)
+    run = store.transition(run.id, "lost", "the container vanished from h100-a")
+    steps.clear()
+    yield store, run, steps
+    store.close()
+    forget_connections()
+
+
+def test_a_run_that_needs_42gib_is_not_moved_to_a_24gb_host_and_is_told_where_it_fits(lost_on_h100, capsys):
+    store, run, steps = lost_on_h100
+    history = store.transitions(run.id)
+    assert main(["resume", run.id, "--host", "rtx4090"]) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert (f"run {run.id} was resolved for h100-80gb on h100-a (micro-batch 40 x 1 accumulation, bf16, kept on "
+            "resume); refused on rtx4090 (rtx-4090): needs 41.7 GiB but rtx4090 has 23.0 GiB usable") in err
+    assert f"fix: resume it on h100-b (h100-80gb), where it fits: runner resume {run.id} --host h100-b" in err
+    assert "fix: start a new run there instead; batch_size auto picks a micro-batch that fits rtx4090" in err
+    assert "or resume it there anyway with --force" in err and "Traceback" not in err
+    # Refused before anything was pulled, copied or started: the run is as it was.
+    assert steps == [] and store.transitions(run.id) == history and store.get(run.id) == run
+
+
+def test_the_same_run_moves_to_another_80gb_host(lost_on_h100):
+    store, run, steps = lost_on_h100
+    moved = dispatch.resume(store, run.id, host="h100-b", say=lambda _: None)
+    assert (moved.state, moved.host, moved.attempt) == ("running", "h100-b", 2)
+    assert steps == [("pull", "h100-a"), ("prepare_resume", "h100-b"), ("launch", "h100-b")]
+
+
+def test_force_moves_it_to_the_24gb_host_anyway_and_says_so(lost_on_h100, capsys):
+    store, run, steps = lost_on_h100
+    assert main(["resume", run.id, "--host", "rtx4090", "--force", "--detach"]) == 0
+    assert "needs 41.7 GiB but rtx4090 has 23.0 GiB usable: 20.5 GiB short; resuming it there anyway (--force)" \
+        in capsys.readouterr().err
+    assert (store.get(run.id).host, steps[-1]) == ("rtx4090", ("launch", "rtx4090"))
+
+
+def test_a_move_to_a_host_whose_gpu_another_run_holds_is_refused_until_it_ends(lost_on_h100):
+    store, run, steps = lost_on_h100
+    other = store.create(job_file=run.job_file, experiment="other", resolved_json=run.resolved_json, host="h100-b",
+                         profile="h100-80gb", backend="ssh")
+    with pytest.raises(UserError) as refused:
+        dispatch.resume(store, run.id, host="h100-b")
+    assert refused.value.exit_code == EXIT_REFUSED and steps == []
+    assert refused.value.message.endswith("runs active on h100-b hold 1 of its 1 GPU slots; this run needs 1")
+    assert "start a new run" not in refused.value.hint  # h100-b is right for it, once free
+    store.transition(other.id, "cancelled", "done")
+    assert dispatch.resume(store, run.id, host="h100-b", say=lambda _: None).host == "h100-b"
