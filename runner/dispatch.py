@@ -619,7 +619,8 @@ def move_refusal(store: Store, run: Run, target: Host, inventory: Inventory) -> 
         reasons = list(plan.reasons)
         total, free = hardware(host).gpus, free_slots(store, host)
         if free < resolved.gpus <= total:
-            reasons.append(f"runs active on {host.name} hold {total - free} of its {total} GPU slots; "
+            slots = "GPUs" if plan.device == "cuda" else "slots"  # a host without GPUs has one slot
+            reasons.append(f"runs active on {host.name} hold {total - free} of its {total} {slots}; "
                            f"this run needs {resolved.gpus}")
         return plan, reasons
 

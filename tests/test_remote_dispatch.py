@@ -224,6 +224,12 @@ def test_a_killed_container_is_lost_then_resumes_on_the_other_host_from_its_newe
     assert newest == max(p.parent.name for p in far1.glob("checkpoints/step-*/manifest.json"))
     resumed_from = int(newest.split("-")[1])
     first_attempt = train_events(local)
+    blocker = store.create(job_file=str(QUICKSTART), experiment="blocker", resolved_json=run.resolved_json,
+                           host="host2", profile="cpu", backend="ssh")
+    assert main(["resume", run_id, "--host", "host2"]) == EXIT_REFUSED  # host2's one slot is taken
+    assert "runs active on host2 hold 1 of its 1 slots; this run needs 1" in capsys.readouterr().err
+    assert not remote_dir(remote["host2"], run_id).exists() and store.get(run_id).state == "lost"  # nothing moved
+    store.transition(blocker.id, "cancelled", "its slot is free again")
 
     assert main(["resume", run_id, "--host", "host2"]) == 0  # follows it to the end
     run = store.get(run_id)
@@ -493,7 +499,7 @@ def test_a_move_to_a_host_whose_gpu_another_run_holds_is_refused_until_it_ends(l
     with pytest.raises(UserError) as refused:
         dispatch.resume(store, run.id, host="h100-b")
     assert refused.value.exit_code == EXIT_REFUSED and steps == []
-    assert refused.value.message.endswith("runs active on h100-b hold 1 of its 1 GPU slots; this run needs 1")
+    assert refused.value.message.endswith("runs active on h100-b hold 1 of its 1 GPUs; this run needs 1")
     assert "start a new run" not in refused.value.hint  # h100-b is right for it, once free
     store.transition(other.id, "cancelled", "done")
     assert dispatch.resume(store, run.id, host="h100-b", say=lambda _: None).host == "h100-b"
