@@ -23,7 +23,7 @@ import venv
 from pathlib import Path
 
 from runner.backends import DEFAULT_GRACE_S, LaunchSpec, Status
-from runner.backends.supervisor import EXIT_CODE_FILE
+from runner.backends.supervisor import EXIT_CODE_FILE, supervisor_argv
 from runner.errors import EXIT_FAILED, UserError
 from runner.launch import trainer_argv
 from runner.store import data_dir
@@ -119,8 +119,8 @@ class NativeBackend:
         env = {k: os.environ[k] for k in BASE_ENV if k in os.environ}
         env.update(spec.env)
         env["PYTHONUNBUFFERED"] = "1"
-        command = [sys.executable, "-m", "runner.backends.supervisor", str(spec.run_dir), "--",
-                   *trainer_argv(python, str(resolved), str(spec.run_dir), gpus=spec.resolved.gpus)]
+        command = supervisor_argv(sys.executable, str(spec.run_dir),
+                                  trainer_argv(python, str(resolved), str(spec.run_dir), gpus=spec.resolved.gpus))
         with open(logs / "supervisor.log", "ab") as err:
             child = subprocess.Popen(command, start_new_session=True, env=env, stdin=subprocess.DEVNULL,
                                      stdout=err, stderr=err, cwd=spec.run_dir)

@@ -59,6 +59,7 @@ import paramiko
 from runner import images, ssh, sync
 from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status, relocate_inputs
 from runner.backends.docker import INPUTS_MOUNT, RUN_MOUNT, TEST_LABEL_ENV
+from runner.backends.supervisor import supervisor_argv
 from runner.errors import EXIT_FAILED, UserError
 from runner.hosts import Inventory, load_inventory
 from runner.launch import Rendezvous, trainer_argv
@@ -111,9 +112,8 @@ def node_log(node_rank: int) -> str:
 
 def supervised(python: str, run_dir: str, gpus: int = 1, rendezvous: Rendezvous | None = None) -> list[str]:
     """The supervisor (log, exit code) around the trainer, or around this node's torchrun."""
-    log = ["--log", node_log(rendezvous.node_rank)] if rendezvous and rendezvous.node_rank else []
-    return [python, "-m", "runner.backends.supervisor", run_dir, *log, "--",
-            *trainer_argv(python, f"{run_dir}/resolved.json", run_dir, gpus=gpus, rendezvous=rendezvous)]
+    trainer = trainer_argv(python, f"{run_dir}/resolved.json", run_dir, gpus=gpus, rendezvous=rendezvous)
+    return supervisor_argv(python, run_dir, trainer, node_log(rendezvous.node_rank if rendezvous else 0))
 
 
 def container_command(gpus: int = 1, rendezvous: Rendezvous | None = None) -> list[str]:

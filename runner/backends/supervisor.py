@@ -19,6 +19,7 @@ from pathlib import Path
 from runner.backends import LOG_FILE, redact, secret_values
 
 EXIT_CODE_FILE = "logs/exit_code"
+MODULE = "runner.backends.supervisor"
 
 
 def supervise(run_dir: Path, command: list[str], log_file: str = LOG_FILE) -> int:
@@ -48,6 +49,12 @@ def supervise(run_dir: Path, command: list[str], log_file: str = LOG_FILE) -> in
     tmp.write_text(f"{code}\n")
     tmp.replace(run_dir / EXIT_CODE_FILE)
     return code if code >= 0 else 128 - code
+
+
+def supervisor_argv(python: str, run_dir: str, command: list[str], log_file: str = LOG_FILE) -> list[str]:
+    """The command line that runs ``command`` under the supervisor with ``python``; ``main`` reads it."""
+    log = ["--log", log_file] if log_file != LOG_FILE else []
+    return [python, "-m", MODULE, run_dir, *log, "--", *command]
 
 
 def main(argv: list[str]) -> int:
