@@ -204,11 +204,12 @@ def test_a_container_killed_from_outside_is_marked_failed_with_the_reason(docker
     assert "SIGKILL from outside the runner" in status["reason"] and status["exit_code"] == 137
 
 
-# Run inside the container: stop (SIGSTOP) the trainer so that it cannot act on SIGTERM, as a hung one.
+# Run inside the container: stop (SIGSTOP) the trainer, not its supervisor, so that it cannot act on
+# SIGTERM, as a hung one.
 FREEZE_TRAINER = ("import os, signal\n"
                   "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
                   "    cmd = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
-                  "    if int(pid) != os.getpid() and b'runner.trainer' in cmd:\n"
+                  "    if cmd.split(b'\\0')[1:3] == [b'-m', b'runner.trainer']:\n"
                   "        os.kill(int(pid), signal.SIGSTOP)\n"
                   "        print('frozen', pid)\n")
 

@@ -4,6 +4,11 @@ The container sees the run directory read-write at ``/workspace/run``, each
 input's directory read-only under ``/inputs/N``, and only the allow-listed
 environment. ``resolved.json`` in the run directory carries the container's
 paths; the store keeps the host's.
+
+Inside it the supervisor (``runner.backends.supervisor``) runs the trainer and
+appends its output, whole lines with secrets redacted, to ``logs/train.log`` in
+the mounted run directory, as on SSH hosts and natively: the log is written
+where the runner reads it, with no copy through Docker's log API.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import docker
 import docker.errors
 import docker.types
 
-from runner.backends import DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status, redact, relocate_inputs, secret_values
+from runner.backends import (DEFAULT_GRACE_S, LOG_FILE, LaunchSpec, Status, redact, relocate_inputs, secret_values,
+                             supervisor)
 from runner.errors import EXIT_FAILED, UserError
 from runner.launch import trainer_argv
 from runner.resolved import ResolvedRun
@@ -24,7 +30,8 @@ RUN_MOUNT = "/workspace/run"
 INPUTS_MOUNT = "/inputs"
 IMAGE_UID = 1000  # the image's non-root user (see Dockerfile)
 TEST_LABEL_ENV = "RUNNER_TEST_LABEL"  # set by the test suite to its session id: containers get runner.test=<id>
-OFFSET_FILE = "logs/.train.log.offset"  # bytes of the container's output already copied
+# Bytes of Docker's log already copied, for a container whose trainer prints there (see sync_logs).
+OFFSET_FILE = "logs/.train.log.offset"
 
 
 def container_inputs(resolved: ResolvedRun) -> tuple[ResolvedRun, dict[str, str]]:
@@ -44,6 +51,41 @@ def container_inputs(resolved: ResolvedRun) -> tuple[ResolvedRun, dict[str, str]
         return target if path.is_dir() else f"{target}/{path.name}"
 
     return relocate_inputs(resolved, mount, INPUTS_MOUNT), mounts
+
+
+def runs_supervisor(container) -> bool:
+    """Whether the container's command is the supervisor, which writes the log itself (what ``launch`` starts)."""
+    return supervisor.MODULE in (container.attrs["Config"].get("Cmd") or [])
+
+
+def unsent_output(output: bytes, offset: int, running: bool) -> bytes:
+    """What of the container's output after ``offset`` to copy now: whole lines while it runs, so no secret is split."""
+    new = output[offset:]
+    return new[: new.rfind(b"\n") + 1] if running else new
+
+
+def copy_docker_log(container, run_dir: Path) -> None:
+    """Append a container's output from Docker's log, redacted, beyond the offset kept in the run directory.
+
+    For containers started before the supervisor ran inside, whose trainer
+    prints to Docker's log. Each call fetches that whole log again, a cost
+    that ends with the last of them.
+    """
+    try:
+        container.reload()  # before the fetch: a container that had ended then has its whole output in it
+        output = container.logs(stdout=True, stderr=True)
+    except docker.errors.APIError:
+        return
+    offset_file = run_dir / OFFSET_FILE
+    offset = int(offset_file.read_text() or 0) if offset_file.exists() else 0
+    new = unsent_output(output, offset, container.status == "running")
+    if not new:
+        return
+    log = run_dir / LOG_FILE
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(redact(new, secret_values(dict(os.environ))))
+    offset_file.write_text(str(offset + len(new)))
 
 
 class DockerBackend:
@@ -88,8 +130,9 @@ class DockerBackend:
         if os.getuid() != 0:
             options["user"] = f"{os.getuid()}:{os.getgid()}"
         try:
-            # python -m runner.trainer, or torchrun with one process per GPU
-            argv = trainer_argv("python", f"{RUN_MOUNT}/resolved.json", RUN_MOUNT, gpus=spec.resolved.gpus)
+            # python -m runner.trainer, or torchrun with one process per GPU, under the supervisor
+            trainer = trainer_argv("python", f"{RUN_MOUNT}/resolved.json", RUN_MOUNT, gpus=spec.resolved.gpus)
+            argv = supervisor.supervisor_argv("python", RUN_MOUNT, trainer)
             container = self.client.containers.run(
                 spec.image, argv[1:], entrypoint=argv[:1], environment=spec.env,
                 name=f"runner-{spec.run_id}-{spec.attempt}", detach=True, init=True, labels=labels,
@@ -106,27 +149,21 @@ class DockerBackend:
             return None
 
     def sync_logs(self, handle: str, run_dir: Path) -> None:
+        """Nothing to copy: the container's supervisor writes the log into the mounted run directory.
+
+        Reading Docker's log by increments instead (``since`` with timestamps,
+        or a followed stream) would need a cursor of timestamps that can
+        repeat, the reassembly of lines Docker splits at 16 KiB, and the Engine
+        would still keep a second copy of a day's output (unrotated by
+        default). The supervisor already gives the SSH and native backends
+        whole, redacted lines exactly once whatever the runner does meanwhile.
+
+        A container started by an earlier runner, whose trainer prints to
+        Docker's log, is still copied from there until it ends.
+        """
         container = self._container(handle)
-        if container is None:
-            return
-        try:
-            raw = container.logs(stdout=True, stderr=True)
-        except docker.errors.APIError:
-            return
-        offset_file = run_dir / OFFSET_FILE
-        offset = int(offset_file.read_text() or 0) if offset_file.exists() else 0
-        new = raw[offset:]
-        container.reload()
-        if container.status == "running":
-            new = new[: new.rfind(b"\n") + 1]  # whole lines only, so a secret is never split
-        if not new:
-            return
-        log = run_dir / LOG_FILE
-        log.parent.mkdir(parents=True, exist_ok=True)
-        secrets = secret_values(dict(os.environ))
-        with open(log, "ab") as out:
-            out.write(redact(new, secrets))
-        offset_file.write_text(str(offset + len(new)))
+        if container is not None and not runs_supervisor(container):
+            copy_docker_log(container, run_dir)
 
     def poll(self, handle: str, run_dir: Path) -> Status:
         container = self._container(handle)
