@@ -166,6 +166,12 @@ def test_detach_status_logs_then_cancel_checkpoints_and_resume_continues_from_it
     second = steps[steps.index(stopped_at) + 1:]
     assert second and second[0] == stopped_at + 1, "the second attempt restarted instead of continuing"
     assert done["steps"] == done["summary"]["planned_steps"]
+    # The log holds both attempts, each progress line once and in order.
+    log = (run_dir / "logs" / "train.log").read_text()
+    second_attempt = log[log.index(f"--- attempt 2: continues from step-{stopped_at:07d}\n"):]
+    assert f"resuming from step-{stopped_at:07d}" in second_attempt
+    logged = [int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith("step ")]
+    assert logged == list(range(1, done["steps"] + 1))
     assert files_containing(store_dir(env), SECRET.encode()) == []
 
 
