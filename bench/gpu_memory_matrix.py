@@ -1,6 +1,6 @@
 """Peak memory and step time of the trainer on one GPU, next to the planner's prediction for the same job.
 
-    python bench/gpu_memory_matrix.py --part matrix --out gpu-matrix   # 18 jobs, ~8 min on an H100
+    python bench/gpu_memory_matrix.py --part matrix --out gpu-matrix   # 19 jobs, ~12 min on an H200
     python bench/gpu_memory_matrix.py --part fit24 --out gpu-fit24     # 15 jobs under a 24 GB cap, ~6 min
     python bench/gpu_memory_matrix.py --part fit40 --out gpu-fit40     # 15 jobs under a 40 GB cap, ~7 min
     python bench/gpu_memory_matrix.py --part all --dry-run             # the jobs and predictions only, no torch
@@ -55,26 +55,20 @@ is only ever tried under a cap. A run fits when it finishes and its
 ``peak_bytes`` stays within the capacity; the verdict is right when that agrees
 with ``Plan.fits``. Matrix runs get the same verdict against the whole 80 GB card.
 
-Step-time calibration emulates a host probed once, with the planner's model of a
-step: a fixed cost per micro-batch plus the micro-batch's executed FLOPs at a
-FLOP/s rate (``runner.plan.cost.fit_micro_batch_time``, as ``runner probe``
-calibrates from its two micro-batches). Each probe key (a model shape, compiled
-or not, fp32 or not: ``probe_key``) is probed by two saved runs, marked ``ref``:
-its first matrix run, and the first later run of the same key (matrix, then
-fit24, then fit40, in the order given) whose executed FLOPs per micro-batch are
-at least twice or at most half the first's, so that the two points are a
-clearly different micro-batch, as a probe's quarter is (two steps timed per fit
-run make close points noise). A key with no such run is probed by its first run
-alone, and its speed is proportional. The fit's FLOP/s, scaled to each other
-configuration's executed FLOPs per token (LoRA, checkpointing), and its fixed
-cost go back to the planner through its ``ThroughputSource`` hook, and the
-planner's step time is compared with the measured one (target: within 15%).
-Every run that is not a probe is out of sample; only those are counted. For
-comparison, ``step_one_run`` is the error with the first run alone as probe
-(proportional, the planner's model before it had a fixed cost). A key's first
-probe run is in the matrix part, so the fit parts' step times are only
-calibrated when they run in the same invocation (``--part all``) or are
-re-planned together with the matrix's results (``--replan``).
+Step time after a probe, as ``runner probe`` measures a host and
+``runner.calibration`` plans from it: each matrix run also times steps at a
+quarter of its micro-batch (a probe's second run) and at half of it (a job the
+probe did not run), in the same process (a compiled model is compiled afresh
+for each, as a new process would). Its micro-batch and its quarter become two
+probe observations of the shape, trained its way (precision, LoRA,
+checkpointing, compiled or not); the planner, calibrated by the real
+``Calibration`` from all of them, predicts the half, out of sample, from a
+fixed cost per micro-batch and a token rate (target: within 15%). For
+comparison, ``step_nearest`` predicts it with the shape's own observations
+left out: from the nearest other shape trained the same way, scaled by FLOPs
+per token, where there is one. Fit runs are predicted the same way, unless
+their part ran beside another on the same GPU (``--shared-gpu``), which
+leaves their memory verdicts valid and their step times not.
 
 Reading the output: one JSON per configuration and ``results.json`` (all of
 them and a summary) under ``--out``; the last lines printed are a table and the
@@ -92,7 +86,6 @@ import datetime
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -102,12 +95,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from runner.calibration import Calibration, Observation  # noqa: E402
+from runner.capacity import SMALL_SHARE as PROBE_SHARE  # noqa: E402
 from runner.hosts import Host  # noqa: E402
-from runner.plan import Measured, Plan, plan_job  # noqa: E402
-from runner.plan.cost import executed_flops_per_token, fit_micro_batch_time  # noqa: E402
+from runner.plan import Plan, plan_job  # noqa: E402
+from runner.plan.cost import executed_flops_per_token  # noqa: E402
 from runner.plan.memory import CUDA_KERNELS_BYTES  # noqa: E402
-from runner.presets import ModelShape  # noqa: E402
 from runner.spec import Experiment, Job, resolve_shape  # noqa: E402
+from runner.trainer import allocator  # noqa: E402
 from runner.yamldoc import Doc  # noqa: E402
 
 GiB = 2**30
@@ -138,6 +133,7 @@ class Config:
     warmup_steps: int = 3
     timed_steps: int = 5
     tiny: bool = False
+    extra_micro_batches: tuple[int, ...] = ()  # timed after the run: (a probe's quarter, a job's half)
 
     @property
     def name(self) -> str:
@@ -150,11 +146,11 @@ class Config:
 def matrix() -> list[Config]:
     """The configurations measured against their predictions on the whole 80 GB card.
 
-    The references come first so that a run cut short by the time budget can still be calibrated,
-    then the 7B LoRA jobs, which the issue names.
+    Different kinds come first so that a run cut short by the time budget still
+    spans them, then the 7B LoRA jobs, which the issue names.
     """
     c = Config
-    return [
+    configs = [
         c("gpt2-124m", 1024, 16, "bf16", compile=True),
         c("gpt2-124m", 1024, 16, "fp16"),
         c("gpt2-124m", 1024, 8, "fp32"),
@@ -167,13 +163,22 @@ def matrix() -> list[Config]:
         c("gpt2-355m", 512, 16, "fp16", checkpointing=True),
         c("d12", 2048, 8, "bf16"),
         c("d12", 1024, 16, "bf16", compile=True),
+        c("d20", 2048, 16, "bf16", compile=True),
         c("d20", 2048, 4, "bf16"),
         c("d20", 2048, 16, "bf16", checkpointing=True),
         c("llama-1b", 2048, 4, "bf16"),
-        c("llama-1b", 1024, 8, "bf16", checkpointing=True),
+        c("llama-1b", 1024, 14, "bf16", checkpointing=True),
         c("llama-1b", 512, 8, "fp16"),
         c("d20", 1024, 8, "fp32"),
     ]
+    return [replace(config, extra_micro_batches=extra_micro_batches(config.micro_batch)) for config in configs]
+
+
+def extra_micro_batches(micro_batch: int) -> tuple[int, ...]:
+    """A probe's second micro-batch (a quarter, as ``runner probe`` takes) and a job's between the two."""
+    quarter = max(1, micro_batch // PROBE_SHARE)
+    half = micro_batch // 2
+    return (quarter, half) if quarter < half < micro_batch else (quarter,) if quarter < micro_batch else ()
 
 
 def fit_bases(part: str) -> list[Config]:
@@ -253,37 +258,11 @@ def prediction(config: Config, plan: Plan) -> dict:
     }
 
 
-@dataclass(frozen=True)
-class ProbedThroughput:
-    """The planner's ThroughputSource for a host probed once: a fixed cost per micro-batch and an executed FLOP/s.
-
-    The rate is scaled to the job's executed FLOPs per token (LoRA and checkpointing
-    change it), as the calibration from ``runner probe`` scales a probed shape.
-    """
-
-    flops_per_s: float
-    micro_batch_s: float
-    source: str
-
-    def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str, *,
-                 lora: bool = False, gradient_checkpointing: bool = False, **_: object) -> Measured | None:
-        per_token = executed_flops_per_token(shape, seq_len, lora=lora, gradient_checkpointing=gradient_checkpointing)
-        return Measured(tokens_per_s=self.flops_per_s / per_token, source=f"probed by {self.source}",
-                        micro_batch_s=self.micro_batch_s)
-
-
 def config_of(entry: dict) -> Config:
     """An entry's configuration (results saved before a field was dropped still load)."""
-    return Config(**{k: v for k, v in entry["config"].items() if k in Config.__dataclass_fields__})
-
-
-def probe_key(config: Config) -> tuple[str, bool, bool]:
-    """What one probe run stands for: a model shape, compiled or not, fp32 or autocast.
-
-    Compilation doubles the speed of small models and fp32 has its own peak, so
-    neither can be predicted from the other; precisions under autocast share one.
-    """
-    return config.model, config.compile, config.precision == "fp32"
+    fields = {k: v for k, v in entry["config"].items() if k in Config.__dataclass_fields__}
+    fields["extra_micro_batches"] = tuple(fields.get("extra_micro_batches", ()))
+    return Config(**fields)
 
 
 def executed_flops(config: Config) -> float:
@@ -356,7 +335,8 @@ def run_one(config: Config, device_kind: str) -> dict:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     precision = config.precision if cuda else "fp32"  # the trainer's rule on a CPU
     out: dict = {"status": "ok", "error": None, "phase": "setup", "device": device_kind, "device_name": "cpu",
-                 "torch": torch.__version__, "transformers": transformers.__version__, "precision_run": precision}
+                 "torch": torch.__version__, "transformers": transformers.__version__, "precision_run": precision,
+                 "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     baseline = None
     if cuda:
         baseline = smi_gpu_used_bytes()  # before this process touches the GPU
@@ -378,7 +358,6 @@ def run_one(config: Config, device_kind: str) -> dict:
     set_fast_math(device, deterministic=False)
     torch.manual_seed(0)
     step_s: list[float] = []
-    loss_value = None
     try:
         out["phase"] = "build"
         # Building on the device skips initialising billions of weights on the host first; the
@@ -392,47 +371,51 @@ def run_one(config: Config, device_kind: str) -> dict:
         out.update(params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
                    fused_adamw=bool(optimizer.defaults.get("fused")))
         vocab = model.get_input_embeddings().weight.shape[0]
-        rng = np.random.default_rng(0)
-        rows = [rng.integers(0, vocab, size=(micro_batch, seq_len + 1), dtype=np.int64) for _ in range(2)]
-        host = [(torch.from_numpy(r[:, :-1].copy()), torch.from_numpy(r[:, 1:].copy())) for r in rows]
-        if cuda:
-            host = [(x.pin_memory(), y.pin_memory()) for x, y in host]
 
-        def batch(i: int):
-            x, y = host[i % len(host)]
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        def timed(rows: int, warmup: int, steps: int) -> list[float]:
+            """Seconds per step at ``rows`` per micro-batch, after ``warmup`` steps."""
+            rng = np.random.default_rng(rows)
+            drawn = [rng.integers(0, vocab, size=(rows, seq_len + 1), dtype=np.int64) for _ in range(2)]
+            host = [(torch.from_numpy(r[:, :-1].copy()), torch.from_numpy(r[:, 1:].copy())) for r in drawn]
+            if cuda:
+                host = [(x.pin_memory(), y.pin_memory()) for x, y in host]
+
+            def batch(i: int):
+                x, y = host[i % len(host)]
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+            for i in range(warmup):
+                engine.step(batch(i), 1, 3e-4)
+                if cuda and i == 0 and "allocated_between_steps_bytes" not in out:
+                    # What stays between steps: weights and optimizer states, gradients freed.
+                    torch.cuda.synchronize(device)
+                    out["allocated_between_steps_bytes"] = torch.cuda.memory_allocated(device)
+                    out["first_step_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            if not cuda:
+                seconds = []
+                for i in range(steps):
+                    began_step = time.perf_counter()
+                    out["final_loss"] = engine.step(batch(i), 1, 3e-4).item()
+                    seconds.append(time.perf_counter() - began_step)
+                return seconds
+            torch.cuda.synchronize(device)
+            # Events on the stream, no wait between steps: the host queues step i+1 while the GPU runs
+            # step i, as in the training loop, so each interval is the GPU's time for one step.
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            events[0].record()
+            for i in range(steps):
+                loss = engine.step(batch(i), 1, 3e-4)
+                events[i + 1].record()
+            events[-1].synchronize()
+            out["final_loss"] = loss.item()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])]
 
         out["phase"] = "warmup"
         if cuda:  # weights (and adapters) alone; the optimizer's states appear at its first step
             out["allocated_built_bytes"] = torch.cuda.memory_allocated(device)
-        for i in range(config.warmup_steps):
-            engine.step(batch(i), 1, 3e-4)
-            if cuda and i == 0:  # what stays between steps: weights and optimizer states, gradients freed
-                torch.cuda.synchronize(device)
-                out["allocated_between_steps_bytes"] = torch.cuda.memory_allocated(device)
-                out["first_step_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        out["phase"] = "timed"
-        if cuda:
-            torch.cuda.synchronize(device)
         began = time.perf_counter()
-        if cuda:
-            # Events on the stream, no wait between steps: the host queues step i+1 while the GPU runs
-            # step i, as in the training loop, so each interval is the GPU's time for one step.
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(config.timed_steps + 1)]
-            events[0].record()
-            for i in range(config.timed_steps):
-                loss = engine.step(batch(i), 1, 3e-4)
-                events[i + 1].record()
-            events[-1].synchronize()
-            step_s = [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])]
-        else:
-            for i in range(config.timed_steps):
-                began_step = time.perf_counter()
-                loss = engine.step(batch(i), 1, 3e-4)
-                loss.item()
-                step_s.append(time.perf_counter() - began_step)
+        step_s = timed(micro_batch, config.warmup_steps, config.timed_steps)
         out["timed_wall_s"] = time.perf_counter() - began
-        loss_value = loss.item()
         out["phase"] = "done"
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if not is_oom(exc):
@@ -453,10 +436,22 @@ def run_one(config: Config, device_kind: str) -> dict:
     else:
         out.update(max_reserved_bytes=None, max_allocated_bytes=None, runtime_bytes=None,
                    peak_bytes=peak_memory_bytes(device), smi_process_bytes=None)  # peak RSS: not comparable
+
+    # Smaller micro-batches after the memory is read: their steps are timed only.
+    out["extra"] = []
+    if out["status"] == "ok":
+        for rows in config.extra_micro_batches:
+            rows = experiment(replace(config, micro_batch=rows)).train.batch_size
+            if config.compile:
+                torch._dynamo.reset()  # compiled for this shape alone, as a probe's own process compiles
+            extra_s = timed(rows, 2 if config.compile else 1, max(3, config.timed_steps // 2 + 1))
+            out["extra"].append({"micro_batch": rows, "tokens_per_step": rows * seq_len, "step_s": extra_s,
+                                 "mean_step_s": sum(extra_s) / len(extra_s)})
+
     tokens = micro_batch * seq_len
     mean_s = sum(step_s) / len(step_s) if step_s and out["status"] == "ok" else None
     out.update(step_s=step_s, mean_step_s=mean_s, tokens_per_step=tokens,
-               tokens_per_s=tokens / mean_s if mean_s else None, final_loss=loss_value)
+               tokens_per_s=tokens / mean_s if mean_s else None)
     return out
 
 
@@ -548,56 +543,73 @@ def record(part: str, config: Config, measured: dict | None) -> dict:
         "runtime": pct(predicted["breakdown"]["runtime_bytes"], measured.get("runtime_bytes")) if on_gpu else None,
         "step_catalog": pct(predicted["step_s"], measured.get("mean_step_s")) if on_gpu else None,
         "step_probed": None,
-        "step_one_run": None,
+        "step_nearest": None,
     }
     entry["verdict"] = verdict(predicted["fits"], measured, predicted["capacity_bytes"])
     return entry
 
 
-def probe_runs(entries: list[dict]) -> dict[tuple, list[dict]]:
-    """The runs that probe each key: its first matrix run and a later one at a clearly different micro-batch."""
-    probes: dict[tuple, list[dict]] = {}
+def timed_on_gpu(measured: dict | None) -> bool:
+    """Ran on a GPU with its step times measured alone on it."""
+    return bool(measured and measured.get("mean_step_s") and measured.get("device") == "cuda"
+                and not measured.get("shared_gpu"))
+
+
+def observation(config: Config, micro_batch: int, step_s: float) -> Observation:
+    """One probe of the configuration's shape, trained its way, at ``micro_batch``, as calibration reads it."""
+    spec = experiment(replace(config, micro_batch=micro_batch))
+    tokens = spec.train.batch_size * spec.seq_len  # type: ignore[operator]
+    return Observation(host=H100, profile=H100, shape=resolve_shape(job_for(config)), seq_len=spec.seq_len,
+                       precision=config.precision, tokens_per_s=tokens / step_s, peak_bytes=None, overhead_s=0.0,
+                       kind="probe", at=0.0, lora=config.lora, gradient_checkpointing=config.checkpointing,
+                       compile=config.compile, micro_batch=spec.train.batch_size)  # type: ignore[arg-type]
+
+
+def probe_observations(entries: list[dict]) -> list[Observation]:
+    """What ``runner probe`` records for each matrix configuration: its micro-batch and a quarter of it."""
+    out = []
     for e in entries:
-        m, key = e["measured"], probe_key(config_of(e))
-        if not (m and m.get("mean_step_s") and m.get("device") == "cuda"):
+        m = e["measured"]
+        if e["part"] != "matrix" or not timed_on_gpu(m):
             continue
-        if key not in probes:
-            if e["part"] == "matrix":
-                probes[key] = [e]
-        elif len(probes[key]) == 1 and not 0.5 < micro_batch_flops(e) / micro_batch_flops(probes[key][0]) < 2:
-            probes[key].append(e)
-    return probes
+        config = config_of(e)
+        out.append(observation(config, config.micro_batch, m["mean_step_s"]))
+        if m.get("extra"):
+            quarter = m["extra"][0]
+            out.append(observation(config, quarter["micro_batch"], quarter["mean_step_s"]))
+    return out
 
 
-def micro_batch_flops(entry: dict) -> float:
-    return entry["executed_flops_per_token"] * entry["tokens_per_step"]  # one micro-batch per step here
+def predicted_step_s(config: Config, observations: list[Observation]) -> tuple[float, str]:
+    """The planner's step time for the configuration, calibrated by the observations, and what it says of them."""
+    plan = plan_for(config, H100, throughput=Calibration(tuple(observations)))
+    return tokens_per_step(config) / plan.tokens_per_s, plan.throughput_source
 
 
-def probe_speed(runs: list[dict]) -> ProbedThroughput:
-    """What the planner learns from the probe runs of a key, fitted as ``runner.calibration`` fits a probe's two."""
-    fit = fit_micro_batch_time([(micro_batch_flops(e), e["measured"]["mean_step_s"]) for e in runs])
-    if fit is None:  # one run, or two that fit no positive fixed cost
-        fit = 0.0, statistics.median(micro_batch_flops(e) / e["measured"]["mean_step_s"] for e in runs)
-    return ProbedThroughput(fit[1], fit[0], " and ".join(e["name"] for e in runs))
-
-
-def calibrate(entries: list[dict]) -> dict[str, list[str]]:
-    """Probe each key with its probe runs, then re-plan every other run's speed through the hook."""
-    probes = probe_runs(entries)
-    for e in entries:
-        e["reference"] = any(e is p for runs in probes.values() for p in runs)
+def calibrate(entries: list[dict]) -> None:
+    """Predict each step time not probed from the probes: a matrix run's half micro-batch, a fit run's own."""
+    probes = probe_observations(entries)
     for e in entries:
         m, config = e["measured"], config_of(e)
-        if not m or e["reference"] or probe_key(config) not in probes or m.get("device") != "cuda":
+        if not timed_on_gpu(m):
             continue
-        runs = probes[probe_key(config)]
-        plan = plan_for(config, H100, throughput=probe_speed(runs))
-        step = tokens_per_step(config) / plan.tokens_per_s
-        e["predicted_probed"] = {"tokens_per_s": plan.tokens_per_s, "step_s": step, "source": plan.throughput_source}
-        e["error_pct"]["step_probed"] = pct(step, m.get("mean_step_s"))
-        one_run = plan_for(config, H100, throughput=probe_speed(runs[:1]))
-        e["error_pct"]["step_one_run"] = pct(tokens_per_step(config) / one_run.tokens_per_s, m.get("mean_step_s"))
-    return {"/".join(map(str, key)): [e["name"] for e in runs] for key, runs in probes.items()}
+        if e["part"] == "matrix":
+            job = [x for x in m.get("extra", [])[1:]]
+            if not job:
+                continue
+            config, measured_s = replace(config, micro_batch=job[0]["micro_batch"]), job[0]["mean_step_s"]
+        else:
+            measured_s = m["mean_step_s"]
+        step, source = predicted_step_s(config, probes)
+        if not source.startswith("calibrated"):
+            continue  # nothing probed trains this way: the plan says so and keeps the catalog's figure
+        own = resolve_shape(job_for(config)), experiment(config).seq_len
+        others = [o for o in probes if (o.shape, o.seq_len) != own]
+        nearest, nearest_source = predicted_step_s(config, others)
+        e["predicted_probed"] = {"micro_batch": config.micro_batch, "measured_step_s": measured_s, "step_s": step,
+                                 "source": source, "nearest_step_s": nearest, "nearest_source": nearest_source}
+        e["error_pct"]["step_probed"] = pct(step, measured_s)
+        e["error_pct"]["step_nearest"] = pct(nearest, measured_s) if nearest_source.startswith("calibrated") else None
 
 
 def write_json(path: Path, data) -> None:
@@ -611,7 +623,7 @@ def summarize(entries: list[dict]) -> dict:
     ran = [e for e in entries if e["measured"] and e["measured"]["status"] == "ok"]
     peak = [e["error_pct"]["peak"] for e in ran if e["error_pct"]["peak"] is not None]
     step = [e["error_pct"]["step_probed"] for e in ran if e["error_pct"]["step_probed"] is not None]
-    one_run = [e["error_pct"]["step_one_run"] for e in ran if e["error_pct"]["step_one_run"] is not None]
+    nearest = [e["error_pct"]["step_nearest"] for e in ran if e["error_pct"].get("step_nearest") is not None]
     verdicts = [e["verdict"] for e in entries if e.get("verdict") and e["verdict"]["agrees"] is not None]
     return {
         "configs": len(entries), "ran": len(ran),
@@ -621,7 +633,8 @@ def summarize(entries: list[dict]) -> dict:
         "peak_within_10pct": sum(1 for p in peak if abs(p) <= 100 * MEMORY_TARGET), "peak_compared": len(peak),
         "peak_error_pct_max_abs": max((abs(p) for p in peak), default=None),
         "step_within_15pct": sum(1 for s in step if abs(s) <= 100 * STEP_TARGET), "step_compared": len(step),
-        "step_one_run_within_15pct": sum(1 for s in one_run if abs(s) <= 100 * STEP_TARGET),
+        "step_nearest_within_15pct": sum(1 for s in nearest if abs(s) <= 100 * STEP_TARGET),
+        "step_nearest_compared": len(nearest),
         "verdicts_checked": len(verdicts), "wrong_verdicts": [e["name"] for e in entries
                                                              if e.get("verdict") and e["verdict"]["agrees"] is False],
     }
@@ -632,16 +645,14 @@ def fmt(value: float | None, spec: str, width: int = 0) -> str:
 
 
 def table(entries: list[dict]) -> str:
-    head = (f"{'config':58} {'peak GiB':>8} {'pred':>6} {'err%':>6} {'step ms':>8} {'pred ms':>8} {'err%':>6}  verdict")
+    """One row per run; the step columns are the step predicted from the probes (a matrix run's half micro-batch)."""
+    head = (f"{'config':58} {'peak GiB':>8} {'pred':>6} {'err%':>6} {'at mb':>5} {'step ms':>8} {'pred ms':>8} "
+            f"{'err%':>6} {'near%':>6}  verdict")
     lines = [head, "-" * len(head)]
     for e in entries:
         m, p = e["measured"] or {}, e["predicted"]
         err = e.get("error_pct") or {}
-        probed = (e.get("predicted_probed") or {}).get("step_s")
-        if e.get("reference"):
-            step_err = "ref"
-        else:
-            step_err = fmt(err.get("step_probed"), "+.1f")
+        probed = e.get("predicted_probed") or {}
         v = e.get("verdict")
         if not m:
             shown = f"not run (predicted {'fit' if p['fits'] else 'no fit'})"
@@ -653,11 +664,12 @@ def table(entries: list[dict]) -> str:
             shown = f"ok ({'fits' if v['predicted_fits'] else 'does not fit'})"
         else:
             shown = f"WRONG: predicted {'fit' if v['predicted_fits'] else 'no fit'}, {v['why']}"
-        mean_s = m.get("mean_step_s")
+        measured_s, step_s = probed.get("measured_step_s"), probed.get("step_s")
         peak = m.get("peak_bytes") if m.get("device") == "cuda" else None
         lines.append(f"{e['name'][:58]:58} {fmt(peak and peak / GiB, '.2f', 8)} {p['peak_bytes'] / GiB:6.2f} "
-                     f"{fmt(err.get('peak'), '+.1f', 6)} {fmt(mean_s and mean_s * 1000, '.1f', 8)} "
-                     f"{fmt(probed and probed * 1000, '.1f', 8)} {step_err:>6}  {shown}")
+                     f"{fmt(err.get('peak'), '+.1f', 6)} {fmt(probed.get('micro_batch'), 'd', 5)} "
+                     f"{fmt(measured_s and measured_s * 1000, '.1f', 8)} {fmt(step_s and step_s * 1000, '.1f', 8)} "
+                     f"{fmt(err.get('step_probed'), '+.1f', 6)} {fmt(err.get('step_nearest'), '+.1f', 6)}  {shown}")
     return "\n".join(lines)
 
 
@@ -665,8 +677,8 @@ def report_line(summary: dict, device: str | None) -> str:
     s = summary
     return (f"{device or 'nothing run'}; peak within 10%: {s['peak_within_10pct']}/{s['peak_compared']} "
             f"(worst {fmt(s['peak_error_pct_max_abs'], '.1f')}%); probed step time within 15%: "
-            f"{s['step_within_15pct']}/{s['step_compared']} out of sample (first probe run alone: "
-            f"{s['step_one_run_within_15pct']}); wrong verdicts: {len(s['wrong_verdicts'])}"
+            f"{s['step_within_15pct']}/{s['step_compared']} out of sample (from other shapes alone: "
+            f"{s['step_nearest_within_15pct']}/{s['step_nearest_compared']}); wrong verdicts: {len(s['wrong_verdicts'])}"
             f"/{s['verdicts_checked']}; oom {s['oom']}; failed {len(s['failed'])}; not run {len(s['not_run'])}")
 
 
@@ -674,14 +686,13 @@ def replan(paths: list[Path], out: Path | None) -> None:
     """Re-derive every prediction, error and verdict for saved measurements (the planner is pure Python)."""
     saved = [json.loads(p.read_text()) for p in paths]
     entries = [record(e["part"], config_of(e), e["measured"]) for r in saved for e in r["results"]]
-    references = calibrate(entries)
+    calibrate(entries)
     summary = summarize(entries)
     if out:
         write_json(out / "results.json", {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
                                           "replanned_from": [str(p) for p in paths],
                                           "measured_on": sorted({r["date"] for r in saved}),
-                                          "device": saved[0]["device"], "references": references,
-                                          "summary": summary, "results": entries})
+                                          "device": saved[0]["device"], "summary": summary, "results": entries})
     print(table(entries))
     print("\nreplanned: " + report_line(summary, saved[0]["device"]))
 
@@ -698,13 +709,16 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540,
                         help="start no configuration after this many seconds; the rest are reported as not run")
     parser.add_argument("--dry-run", action="store_true", help="print the configurations and predictions only")
+    parser.add_argument("--shared-gpu", action="store_true",
+                        help="another process trains on this GPU meanwhile: memory verdicts hold, step times are not used")
     parser.add_argument("--replan", type=Path, nargs="+", metavar="RESULTS_JSON",
                         help="no runs: compare saved measurements (results.json) with the planner as it is now")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one configuration as JSON
     args = parser.parse_args()
 
     if args.one:
-        result = run_one(Config(**json.loads(args.one)), args.device)
+        allocator.configure()  # the trainer's allocator settings, before torch touches CUDA
+        result = run_one(config_of({"config": json.loads(args.one)}), args.device)
         print(RESULT_MARK + json.dumps(result), flush=True)
         return
     if args.out is None and not (args.dry_run or args.replan):
@@ -731,6 +745,7 @@ def main() -> None:
             print(f"[{i + 1}/{len(planned)}] {config.name} ...", flush=True)
             measured = run_child(config, args.device, min(args.timeout_s, left),
                                  " (the end of --budget-s)" if left < args.timeout_s else "")
+            measured["shared_gpu"] = args.shared_gpu
             print(f"    {measured['status']} in {measured['wall_s']:.0f} s"
                   + (f": {measured['error']}" if measured.get("error") else ""), flush=True)
         entry = record(part, config, measured)
@@ -738,7 +753,7 @@ def main() -> None:
         if args.out and measured is not None:
             write_json(args.out / f"{config.name}.json", entry)
 
-    references = calibrate(entries)
+    calibrate(entries)
     summary = summarize(entries)
     report = {
         "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "part": args.part,
@@ -746,7 +761,7 @@ def main() -> None:
         "torch": next((e["measured"].get("torch") for e in entries if e["measured"] and "torch" in e["measured"]), None),
         "transformers": next((e["measured"].get("transformers") for e in entries
                               if e["measured"] and "transformers" in e["measured"]), None),
-        "wall_s": time.monotonic() - began, "references": references, "summary": summary, "results": entries,
+        "wall_s": time.monotonic() - began, "shared_gpu": args.shared_gpu, "summary": summary, "results": entries,
     }
     if args.out:
         for entry in entries:

@@ -7,7 +7,8 @@ precision:
 
 1. observations on that host, else on other hosts with the same profile;
 2. trained the same way: same precision, LoRA or not, gradient checkpointing or
-   not, same number of processes (each of these is a different speed entirely);
+   not, compiled or not, same number of processes (each of these is a different
+   speed entirely);
 3. of the same shape and sequence length when there are any: the median of the
    newest (one slow outlier, say a probe on a busy machine, does not drag it);
 4. otherwise the nearest shape by FLOPs per token, its tokens/s scaled by the
@@ -68,10 +69,11 @@ class Observation:
     gradient_checkpointing: bool = False
     gpus: int = 1  # training processes in all
     micro_batch: int | None = None  # what the peak was measured at
+    compile: bool = False  # torch.compile: twice the speed of eager for small models
 
-    def trained_like(self, precision: str, lora: bool, gradient_checkpointing: bool, gpus: int) -> bool:
-        return (self.precision, self.lora, self.gradient_checkpointing, self.gpus) == \
-            (precision, lora, gradient_checkpointing, gpus)
+    def trained_like(self, precision: str, lora: bool, gradient_checkpointing: bool, gpus: int, compile: bool) -> bool:
+        return (self.precision, self.lora, self.gradient_checkpointing, self.gpus, self.compile) == \
+            (precision, lora, gradient_checkpointing, gpus, compile)
 
     def flops_per_token(self) -> float:
         return self.shape.flops_per_token(self.seq_len)
@@ -116,7 +118,7 @@ def run_observations(store: Store, *, exclude: set[str] = frozenset()) -> list[O
             overhead_s=max(0.0, run.wall_s - run.tokens / run.tokens_per_s), kind="run",
             at=run.ended_at or run.updated_at, lora=exp.lora is not None,
             gradient_checkpointing=exp.train.gradient_checkpointing, gpus=resolved.world_size,
-            micro_batch=stage.micro_batch))
+            micro_batch=stage.micro_batch, compile=resolved.compile))
     return out
 
 
@@ -136,8 +138,9 @@ class Calibration:
 
     def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str, *,
                  lora: bool = False, gradient_checkpointing: bool = False, gpus: int = 1,
-                 micro_batch: int | None = None) -> Measured | None:
-        alike = [o for o in self.observations if o.trained_like(precision, lora, gradient_checkpointing, gpus)]
+                 micro_batch: int | None = None, compile: bool = False) -> Measured | None:
+        alike = [o for o in self.observations
+                 if o.trained_like(precision, lora, gradient_checkpointing, gpus, compile)]
         pool, where = [o for o in alike if o.host == host], f"on {host}"
         if not pool:
             pool = [o for o in alike if o.profile == profile]

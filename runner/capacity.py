@@ -155,14 +155,26 @@ def probe_run_ids(store: Store) -> set[str]:
 
 
 def probe_observations(store: Store) -> list[Observation]:
-    """Stable probes as calibration observations."""
+    """Stable probes as calibration observations (compiled or not, as their runs were resolved)."""
     from runner.calibration import Observation
 
     return [Observation(host=r.host, profile=r.profile, shape=r.shape, seq_len=r.seq_len, precision=r.precision,
                         tokens_per_s=r.tokens_per_s, peak_bytes=r.peak_bytes,
                         overhead_s=max(0.0, r.wall_s - r.tokens / r.tokens_per_s), kind="probe", at=r.probed_at,
-                        micro_batch=r.micro_batch)
+                        micro_batch=r.micro_batch, compile=_compiled(store, r.run_id))
             for r in results(store) if r.stable and r.tokens_per_s]
+
+
+def _compiled(store: Store, run_id: str | None) -> bool:
+    from runner.resolved import ResolvedRun
+
+    if run_id is None:
+        return False
+    try:
+        run = store.get(run_id)
+    except UserError:  # the run was deleted from the store; its probe stays
+        return False
+    return ResolvedRun.model_validate_json(run.resolved_json).compile
 
 
 # --- running probes -----------------------------------------------------------------------

@@ -38,9 +38,9 @@ def test_the_matrix_spans_the_models_lengths_and_switches_the_issue_asks_for():
     assert {True, False} == {c.checkpointing for c in configs} == {c.compile for c in configs}
     assert all(c.lora and c.precision == "fp16" for c in configs if c.model == "llama-7b")
     assert len({c.micro_batch for c in configs}) >= 3
-    # Each probe (a shape, compiled or not, fp32 or not) runs before the others of its kind.
-    keys = [bench.probe_key(c) for c in configs]
-    assert len(set(keys)) < len(keys)
+    # Each is probed as `runner probe` does, at its micro-batch and a quarter, and a job between is timed too.
+    for c in configs:
+        assert c.extra_micro_batches == ((c.micro_batch // 4, c.micro_batch // 2) if c.micro_batch >= 4 else (1,))
 
 
 def test_every_matrix_configuration_is_predicted_to_fit_the_80gb_card_within_the_models_context():
@@ -80,42 +80,40 @@ def test_a_run_that_runs_out_of_memory_or_over_the_cap_does_not_fit():
     assert bench.verdict(True, {"status": "timeout"}, cap)["agrees"] is None
 
 
-def test_the_probe_scales_the_reference_speed_by_executed_flops_per_token_and_adds_its_fixed_cost():
-    reference, other = bench.matrix()[0], bench.Config("llama-1b", 1024, 8, "bf16", checkpointing=True)
-    flops_per_s = 100_000 * bench.executed_flops(reference)
-    plan = bench.plan_for(other, bench.H100, throughput=bench.ProbedThroughput(flops_per_s, 0.0, reference.name))
-    assert plan.tokens_per_s == pytest.approx(flops_per_s / bench.executed_flops(other))
-    assert plan.throughput_source == f"probed by {reference.name}"
-    fixed = bench.plan_for(other, bench.H100, throughput=bench.ProbedThroughput(flops_per_s, 0.1, reference.name))
-    step_s = bench.tokens_per_step(other) / fixed.tokens_per_s
-    assert step_s == pytest.approx(0.1 + bench.tokens_per_step(other) * bench.executed_flops(other) / flops_per_s)
+def step_s(config, micro_batch=None):
+    """A GPU's step in this test: 20 ms per micro-batch, then the work at 100 TFLOP/s (compiled: twice as fast)."""
+    config = bench.replace(config, micro_batch=micro_batch or config.micro_batch)
+    return 0.02 + bench.tokens_per_step(config) * bench.executed_flops(config) / (2e14 if config.compile else 1e14)
 
 
-def ran(config, step_s, part="matrix"):
-    measured = {"status": "ok", "device": "cuda", "peak_bytes": 1, "mean_step_s": step_s,
-                "tokens_per_s": bench.tokens_per_step(config) / step_s}
+def ran(config, part="matrix", shared_gpu=False):
+    measured = {"status": "ok", "device": "cuda", "peak_bytes": 1, "mean_step_s": step_s(config),
+                "shared_gpu": shared_gpu,
+                "extra": [{"micro_batch": mb, "mean_step_s": step_s(config, mb)} for mb in config.extra_micro_batches]}
     return bench.record(part, config, measured)
 
 
-def test_each_shape_is_probed_at_two_micro_batches_and_the_rest_of_its_kind_is_predicted_out_of_sample():
-    first = bench.Config("gpt2-355m", 1024, 8, "bf16")
-    close = bench.Config("gpt2-355m", 1024, 12, "bf16")  # too near the first to tell a fixed cost
-    second = bench.Config("gpt2-355m", 1024, 16, "bf16")
-    other = bench.Config("gpt2-355m", 512, 16, "fp16", checkpointing=True)
-
-    def step_s(config):  # 20 ms per micro-batch, then the work at 100 TFLOP/s
-        return 0.02 + bench.tokens_per_step(config) * bench.executed_flops(config) / 1e14
-
-    entries = [ran(first, step_s(first)), ran(close, step_s(close)), ran(second, step_s(second), "fit24"),
-               ran(other, step_s(other), "fit40")]
-    assert bench.calibrate(entries) == {"gpt2-355m/False/False": [first.name, second.name]}
-    assert [e["reference"] for e in entries] == [True, False, True, False]
-    for e in (entries[1], entries[3]):
-        assert e["predicted_probed"]["source"] == f"probed by {first.name} and {second.name}"
+def test_the_planner_calibrated_by_each_runs_two_probe_points_predicts_the_micro_batch_between_out_of_sample():
+    matrix = [bench.Config("gpt2-355m", 1024, 16, "bf16", extra_micro_batches=(4, 8)),
+              bench.Config("gpt2-124m", 1024, 16, "bf16", compile=True, extra_micro_batches=(4, 8)),
+              bench.Config("gpt2-124m", 1024, 16, "bf16", extra_micro_batches=(4, 8))]
+    same_way = bench.Config("gpt2-355m", 1024, 23, "bf16", profile="rtx-4090")
+    elsewhere = bench.Config("gpt2-355m", 1024, 23, "bf16", profile="rtx-4090")
+    untried = bench.Config("gpt2-355m", 1024, 12, "bf16", checkpointing=True, profile="rtx-4090")
+    entries = [ran(c) for c in matrix] + [ran(same_way, "fit24"), ran(elsewhere, "fit40", shared_gpu=True),
+                                          ran(untried, "fit24")]
+    bench.calibrate(entries)
+    for e in entries[:4]:
+        assert e["predicted_probed"]["source"].endswith("at 2 micro-batches (20 ms fixed per micro-batch)")
         assert e["error_pct"]["step_probed"] == pytest.approx(0, abs=1e-6)
-        assert e["error_pct"]["step_one_run"] != pytest.approx(0, abs=1)  # the first run alone misses the fixed cost
+    assert [e["predicted_probed"]["micro_batch"] for e in entries[:4]] == [8, 8, 8, 23]
+    # With its own shape left out, gpt2-355m is scaled from gpt2-124m trained the same way (not compiled).
+    assert "nearest shape" in entries[0]["predicted_probed"]["nearest_source"]
+    assert entries[1]["error_pct"]["step_nearest"] is None  # no other compiled shape was probed
+    # Timed beside another run, or trained a way nothing probed: not predicted.
+    assert "predicted_probed" not in entries[4] and "predicted_probed" not in entries[5]
     summary = bench.summarize(entries)
-    assert summary["step_within_15pct"] == summary["step_compared"] == 2
+    assert summary["step_within_15pct"] == summary["step_compared"] == 4
 
 
 @pytest.mark.slow

@@ -71,10 +71,11 @@ def test_plan_uses_the_calibrated_rate_and_the_hosts_fixed_overhead():
 
 def test_runs_trained_another_way_do_not_calibrate_a_plan():
     cal = Calibration((replace(obs(rate=300_000), lora=True), replace(obs(rate=50_000), gradient_checkpointing=True),
-                       replace(obs(rate=400_000), gpus=4)))
+                       replace(obs(rate=400_000), gpus=4), replace(obs(rate=200_000), compile=True)))
     assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16") is None
     assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16", lora=True).tokens_per_s == 300_000
     assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16", gpus=4).tokens_per_s == 400_000
+    assert cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16", compile=True).tokens_per_s == 200_000
 
 
 def test_one_slow_outlier_does_not_drag_the_calibrated_rate():

@@ -247,7 +247,8 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
 
     measured = [throughput.measured(hw.host, prof.id, shape, s.seq_len, precision, lora=spec.lora is not None,
                                     gradient_checkpointing=train.gradient_checkpointing, gpus=world,
-                                    micro_batch=s.micro_batch) if throughput else None for s in budget.stages]
+                                    micro_batch=s.micro_batch, compile=compile_) if throughput else None
+                for s in budget.stages]
     measured_reasons, measured_warnings = memory_check(measured, memories)
     reasons.extend(measured_reasons)
     warnings.extend(measured_warnings)

@@ -66,15 +66,15 @@ def fit_micro_batch_time(points: Sequence[tuple[float, float]]) -> tuple[float, 
 class ThroughputSource(Protocol):
     """Supplies measured speed for a host, a model shape and a way of training it, or None.
 
-    LoRA and gradient checkpointing change the work per token as much as the
-    precision does, so they are part of the question. The answer holds for any
+    LoRA, gradient checkpointing and torch.compile change the speed as much as
+    the precision does, so they are part of the question. The answer holds for any
     micro-batch (its fixed cost per micro-batch covers the difference);
     ``micro_batch`` picks the peak memory measured at that micro-batch.
     """
 
     def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str, *,
                  lora: bool = False, gradient_checkpointing: bool = False,
-                 micro_batch: int | None = None) -> Measured | None: ...
+                 micro_batch: int | None = None, compile: bool = False) -> Measured | None: ...
 
 
 def flops_per_token(shape: ModelShape, seq_len: int, *, lora: bool) -> float:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from runner.errors import UserError, UserErrors
+from runner.trainer import allocator
 
 
 def load_resolved(path: Path, experiment: str | None, sets: list[str], host: str):
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a job-file field, e.g. --set budget.tokens=1M")
     parser.add_argument("--host", default="local", help="the host to resolve a job file for (default: local)")
     args = parser.parse_args(argv)
+    allocator.configure()  # before torch touches CUDA
     try:
         resolved = load_resolved(args.input, args.experiment, args.sets, args.host)
     except (UserError, UserErrors) as exc:
