@@ -115,6 +115,7 @@ TINY = {"layers": 2, "hidden": 64, "heads": 2, "kv_heads": 2, "intermediate": 12
 TINY_SEQ_LEN, TINY_MICRO_BATCH = 64, 2
 MAX_FIT_MICRO_BATCH = 512
 RESULT_MARK = "RESULT "
+SHARED_CONTEXT_BYTES = 527 * 2**20  # a CUDA context on the H100 and the H200, where nvidia-smi shows no pids
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class Config:
     timed_steps: int = 5
     tiny: bool = False
     extra_micro_batches: tuple[int, ...] = ()  # timed after the run: (a probe's quarter, a job's half)
+    shared_gpu: bool = False  # other processes use the GPU meanwhile (--shared-gpu)
 
     @property
     def name(self) -> str:
@@ -343,6 +345,9 @@ def run_one(config: Config, device_kind: str) -> dict:
         free, total = torch.cuda.mem_get_info(device)  # makes the context
         used = total - free
         context = used - baseline if baseline is not None else used
+        if config.shared_gpu:  # others allocate meanwhile: only this process's own figure is its context
+            context = smi_process_bytes() or SHARED_CONTEXT_BYTES
+            baseline = used - context
         out.update(device_name=torch.cuda.get_device_name(device), total_bytes=total, baseline_bytes=baseline,
                    context_bytes=context, context_smi_process_bytes=smi_process_bytes())
         if config.cap_bytes:
@@ -428,6 +433,8 @@ def run_one(config: Config, device_kind: str) -> dict:
         reserved_end = torch.cuda.memory_reserved(device)
         max_reserved = torch.cuda.max_memory_reserved(device)
         runtime = (total - free) - (baseline or 0) - reserved_end
+        if config.shared_gpu:
+            runtime = (smi_process_bytes() or context + CUDA_KERNELS_BYTES + reserved_end) - reserved_end
         out.update(max_reserved_bytes=max_reserved, max_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    reserved_end_bytes=reserved_end, device_used_end_bytes=total - free, runtime_bytes=runtime,
                    peak_bytes=max_reserved + runtime, smi_process_bytes=smi_process_bytes())
@@ -730,7 +737,7 @@ def main() -> None:
     parts = ["matrix", "fit24", "fit40"] if args.part == "all" else [args.part]
     planned: list[tuple[str, Config]] = []
     for part in parts:
-        chosen = configs_for(part, args.tiny)
+        chosen = [replace(c, shared_gpu=args.shared_gpu) for c in configs_for(part, args.tiny)]
         if args.only:
             wanted = set(args.only.split(","))
             chosen = [c for c in chosen if c.name in wanted]

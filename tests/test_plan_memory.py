@@ -9,6 +9,7 @@ from runner.plan import AUTO_MARGIN, plan_job, plan_resolved, resolve
 from runner.plan.memory import LoraShape, estimate_memory, lora_params
 from runner.presets import PRESETS
 from runner.spec import load_jobs
+from runner.units import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -93,7 +94,7 @@ def test_logits_and_loss_buffers_scale_with_vocabulary_and_tokens():
 
 def test_torch_compile_fuses_the_loss_and_saves_less_on_cuda_only():
     eager, compiled = memory(), memory(compiled=True)
-    assert compiled.logits_bytes == 8 * 1024 * 50304 * 4
+    assert compiled.logits_bytes == 8 * 1024 * 50304 * 2  # the bf16 logits alone at the peak
     assert compiled.activations_bytes < eager.activations_bytes / 2
     assert memory(device="mps", precision="fp32", compiled=True).logits_bytes == memory(
         device="mps", precision="fp32").logits_bytes
@@ -133,30 +134,14 @@ def test_the_verdict_compares_peak_with_capacity_off_cuda():
     assert memory(device="mps", precision="fp32").fits
 
 
-def test_a_full_card_needs_the_allocated_peak_and_room_to_place_the_loss_buffer():
-    # On CUDA the verdict is checked against what a card at its limit needs: the allocated peak,
-    # the runtime and the fit reserve, not the headroom the allocator takes on a roomy card.
+def test_a_full_card_needs_the_allocated_peak_the_runtime_and_one_percent_not_the_allocators_cache():
+    # On CUDA the verdict is checked against what a card at its limit needs: with expandable
+    # segments the allocator gives its cached pages back, so the headroom a roomy card shows is not needed.
     m = memory(capacity_bytes=8 * GiB)
-    block = 8 * 1024 * PRESETS["gpt2-124m"].vocab_size * 4
-    assert m.fit_reserve_bytes == int(0.15 * block)
+    assert m.fit_reserve_bytes == int(m.allocated_bytes * 0.01) < m.headroom_bytes
     assert not m.fits and m.margin_bytes == 8 * GiB - (m.allocated_bytes + m.fit_reserve_bytes + m.runtime_bytes)
     assert memory().fits
-
-
-def test_fp32_and_compiled_runs_reserve_a_whole_loss_buffer_and_checkpointing_reserves_states_and_a_layer():
-    fp32 = memory(precision="fp32")
-    assert fp32.fit_reserve_bytes == 8 * 1024 * PRESETS["gpt2-124m"].vocab_size * 4
-    compiled = memory(compiled=True)
-    assert compiled.fit_reserve_bytes == 8 * 1024 * PRESETS["gpt2-124m"].vocab_size * 2
-    small = memory("gpt2-355m", gradient_checkpointing=True)
-    assert small.fit_reserve_bytes == int(0.55 * small.optimizer_bytes + 0.55 * small.activations_per_layer_bytes)
-
-
-def test_the_fit_reserve_never_exceeds_one_loss_buffer_and_one_layer():
-    # 0.55 of a 7B model's optimizer states would be 30 GB; the room to place the next request is bounded.
-    m = memory("llama-7b", seq_len=1024, micro_batch=1, gradient_checkpointing=True)
-    block = 1024 * PRESETS["llama-7b"].vocab_size * 4
-    assert m.fit_reserve_bytes == block + m.activations_per_layer_bytes
+    assert memory(device="mps", precision="fp32").fit_reserve_bytes == 0
 
 
 def test_apple_capacity_is_the_usable_share_of_unified_memory(tmp_path):
@@ -237,7 +222,9 @@ budget: {tokens: 100M}
     assert [(s.micro_batch, s.grad_accum) for s in on_a100.stages] == [(40, 1)]  # about 42 GiB of 80
     moved = plan_resolved(on_a100, "rtx4090", job_file=job.file, inventory=INVENTORY)
     assert (moved.micro_batch, moved.grad_accum, moved.precision) == (40, 1, "bf16")
-    assert not moved.passes and moved.reasons == ("needs 41.7 GiB but rtx4090 has 23.0 GiB usable: 20.5 GiB short",)
+    short = format_bytes(-moved.memory.margin_bytes)
+    assert not moved.passes and moved.reasons == (
+        f"needs {format_bytes(moved.memory.peak_bytes)} but rtx4090 has 23.0 GiB usable: {short} short",)
     fresh = plan_job(job, "rtx4090", inventory=INVENTORY)  # a new run picks its micro-batch for the 4090
     assert fresh.passes and fresh.micro_batch < 40 and fresh.micro_batch * fresh.grad_accum >= 40
     assert plan_resolved(on_a100, "a100", job_file=job.file, inventory=INVENTORY).passes

@@ -53,29 +53,35 @@ Device = Literal["cuda", "mps", "cpu"]
 # gpt2/autocast: gelu_new's python formula saves five 4h-wide tensors (10i); the rest
 # fitted to gpt2-124m and gpt2-355m at seq 1024 (84h per layer with i = 4h).
 # gpt2/fp32: gpt2-124m fp32 at seq 1024 (the MLP term doubled from autocast's).
-# compiled: gpt2-124m and d12 at seq 1024 under torch.compile, with the loss term
-# below, rounded up (the two shapes cannot separate hidden from MLP terms).
+# compiled (torch.compile under autocast), read from the tensors alive at the peak
+# (torch's memory history, d20 at seq 2048 on an H200, 2026-12-01): per llama layer
+# two fp32 residuals (8h), six bf16 h-wide tensors (the two norms' outputs, q, k, v,
+# SDPA's output: 8h + 4kv) and three bf16 MLP tensors (6i); small ones (norm
+# statistics, SDPA's log-sum-exp) aside, this fits d20 at seq 1024 and 2048,
+# micro-batch 8 to 16, and d12 at seq 1024 and 2048 within 0.6%. gpt2: the same two residuals and norm
+# outputs, the fused q/k/v and SDPA's output (20h), the small ones (1h) and the MLP's
+# input and GELU output (4i), which fits gpt2-124m at micro-batch 16 to 40 within 1.2%.
 # No measurement covers gpt2 with a half base or fp32 under compile: those take the
 # nearest mode that saves more (autocast, fp32).
 _ACTIVATION: dict[tuple[str, str], tuple[float, float, float]] = {
     ("llama", "autocast"): (30, 4, 8),
     ("llama", "fp32"): (32, 8, 16),
     ("llama", "half-base"): (19, 4, 8),
-    ("llama", "compiled"): (10, 4, 4),
+    ("llama", "compiled"): (16, 4, 6),
     ("gpt2", "autocast"): (44, 0, 10),
     ("gpt2", "half-base"): (44, 0, 10),
     ("gpt2", "fp32"): (32, 0, 20),
-    ("gpt2", "compiled"): (12, 0, 4),
+    ("gpt2", "compiled"): (21, 0, 4),
 }
 # Loss buffers per token per vocabulary entry at their peak, at the start of backward,
 # keyed by (autocast, compiled): eager cross-entropy holds the fp32 log-softmax
 # output while its incoming and outgoing fp32 gradients exist (12 B; the bf16 logits
 # and their fp32 copy are freed after forward). Fitted: 11.9-12.0 B from gpt2-124m and
 # gpt2-355m with and without checkpointing (bf16, fp16) and d20 with checkpointing,
-# where the loss alone sets the peak. Under torch.compile the loss is fused: the
-# bf16 logits and their gradient, 4 B, from the compiled gpt2-124m and d12 runs.
-# fp32 under compile is not measured: 8 B, the same tensors at 4 B.
-_LOGITS_BYTES = {(True, False): 12, (False, False): 12, (True, True): 4, (False, True): 8}
+# where the loss alone sets the peak. Under torch.compile the loss is fused and its
+# backward reuses the logits' buffer: the bf16 logits alone, 2 B, at the peak (the
+# memory history of d20). fp32 under compile is not measured: 4 B, the same tensor.
+_LOGITS_BYTES = {(True, False): 12, (False, False): 12, (True, True): 2, (False, True): 4}
 _OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 4}
 # torch's foreach AdamW (CPU, MPS) builds one fp32 temporary the size of the parameters
 # (sqrt of the second moment) while it steps; the fused CUDA kernel builds none.
@@ -89,33 +95,16 @@ _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 # the recomputation and backward and not reused whole: 1.13 and 1.22 for GPT-2 (whose
 # loss dominates), 1.04-1.09 where it does not; 10% of the loss buffers on top covers both.
 ALLOCATOR_HEADROOM = 0.05
+RECOMPUTED_LAYER_PEAK = 4  # layers' worth of saved activations while one recomputed layer runs backward
 CHECKPOINTING_LOSS_HEADROOM = 0.10
-# What a card must have free beyond the allocated peak for the step to run there, as
-# coefficients of (one loss buffer: tokens x vocab x 4 B, 2 B compiled; the optimizer
-# states; one layer's saved activations), by fragmentation_mode. On a card with room
-# the allocator just grows (headroom_bytes, above, is what it then reserves); near
-# the card's limit it frees its cache and retries, and what stops it is a freed block
-# in the middle of a segment still in use, smaller than the next request. Every
-# capped run that ran out of memory did so in its second step, asking for one loss
-# buffer: the optimizer states, made after the first backward, sit in the blocks that
-# backward freed. Fitted to the 30 runs at the 24 GB and 40 GB caps of 2026-11-24
-# (bench/results/gpu-fit{24,40}-h100-2026-11-24.json), the coefficient between the
-# largest that stayed right for the runs that fitted and the smallest for those that
-# did not:
-# - eager under autocast: 0.15 of a loss buffer (between 0.07, gpt2-355m b13, and 0.28,
-#   gpt2-124m b15);
-# - fp32 and torch.compile: one whole loss buffer (fp32 gpt2-124m b22 needed over 0.51,
-#   compiled d20 s2048 b16 over 0.72; no capped compiled run fitted, so this is the
-#   bound, not a fit);
-# - checkpointing: 0.55 of the optimizer states and of one recomputed layer (LoRA on
-#   the 7B needs 0.53-0.60 of a layer; d20 b8 over 0.34 of its states, gpt2-355m b23
-#   under 0.58). No (loss, states, layer) combination separates all twelve runs:
-#   gpt2-355m b24, which ran, is predicted not to fit. The states term is capped at one
-#   loss buffer and one layer (estimate_memory): uncapped, it refused llama-1b seq 1024
-#   b4, which ran at the 24 GB cap, and grows without bound with the model.
-_FIT_RESERVE: dict[str, tuple[float, float, float]] = {
-    "eager": (0.15, 0, 0), "fp32": (1.0, 0, 0), "compiled": (1.0, 0, 0), "checkpointing": (0, 0.55, 0.55),
-}
+# What a card at its limit needs beyond the allocated peak. The trainer runs CUDA's
+# allocator with expandable segments (runner.trainer.allocator): at its limit it
+# unmaps its cached pages and maps them again where the next request fits, so the
+# pool's fragmentation costs nothing there. (With fixed segments, every capped run
+# of 2026-11-24 that ran out of memory did so in its second step, with 5-10% of the
+# card free in pieces too small for the next loss buffer.) What is left is the
+# model's error on the allocated peak: within 1% over the 2026-12-01 matrix.
+FIT_RESERVE_SHARE = 0.01
 # Taken on CUDA beyond the catalog's context figure (measured right after the context is
 # made): kernels loaded lazily by the first training step, 240 MiB outside torch's
 # allocator (767 MiB at the end less the 527 MiB context, every matrix run), and the
@@ -188,7 +177,7 @@ class MemoryBreakdown:
     grad_accum: int
     shards: int = 1  # GPUs that FSDP shards weights, gradients and optimizer states over (1: not sharded)
     gradient_buckets: bool = False  # DDP: gradients live in buckets that stay allocated between steps
-    fit_reserve_bytes: int = 0  # free memory a card at its limit needs beyond the allocated peak (_FIT_RESERVE)
+    fit_reserve_bytes: int = 0  # free memory a card at its limit needs beyond the allocated peak (FIT_RESERVE_SHARE)
 
     @property
     def backward_peak_bytes(self) -> int:
@@ -201,11 +190,16 @@ class MemoryBreakdown:
         resident = self.weights_bytes + self.lora_bytes + self.optimizer_bytes + self.master_weights_bytes
         if self.gradient_checkpointing:
             # The loss's buffers are gone before the first layer is recomputed. Gradients
-            # fill in while the layers' inputs are freed; counting both whole, with one
-            # recomputed layer, is the bound that the llama-1b run measured 7% under.
+            # fill in while the layers' inputs are freed. Half way through, a full
+            # fine-tune's recomputed layer and its backward's temporaries take about four
+            # layers' saved activations: llama-1b at seq 1024, micro-batch 8, 11 and 14,
+            # peaks on a line of 0.50 GiB per row above half the gradients, within 1%.
             saved = self.weight_copies_bytes + self.activations_bytes + max(
                 self.logits_bytes, self.activations_per_layer_bytes)
             late = self.gradients_bytes + self.activations_bytes + self.activations_per_layer_bytes
+            if not self.lora_bytes:
+                late = max(late, (self.gradients_bytes + self.activations_bytes) // 2
+                           + RECOMPUTED_LAYER_PEAK * self.activations_per_layer_bytes)
         else:
             saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
             late = self.gradients_bytes
@@ -234,8 +228,8 @@ class MemoryBreakdown:
         """What the device must offer to run the job.
 
         On CUDA the allocated peak, the fit reserve and the runtime: a card at its limit
-        frees the allocator's cache, so it needs less than ``peak_bytes`` where the pool
-        fragments little, and more where large buffers cannot be placed. Elsewhere the peak.
+        gives the allocator's cached pages back to the next request, so it needs less
+        than ``peak_bytes``. Elsewhere the peak.
         """
         if self.device != "cuda":
             return self.peak_bytes
@@ -272,7 +266,7 @@ class MemoryBreakdown:
             ("optimizer step temporary", self.optimizer_step_bytes, "only while stepping"),
             ("allocator headroom", self.headroom_bytes, f"{ALLOCATOR_HEADROOM:.0%} of allocated"
              + (f" + {CHECKPOINTING_LOSS_HEADROOM:.0%} of the loss buffers" if self.gradient_checkpointing else "")),
-            ("fit reserve", self.fit_reserve_bytes, "free room a full card needs to place the next large buffer"),
+            ("fit reserve", self.fit_reserve_bytes, f"{FIT_RESERVE_SHARE:.0%} of allocated, what a full card needs beyond it"),
             ("runtime", self.runtime_bytes, "CUDA context, kernels, cuBLAS workspaces" if self.device == "cuda"
              else f"{self.device} runtime"),
         ]
@@ -370,25 +364,8 @@ def estimate_memory(
         headroom = int(partial.allocated_bytes * ALLOCATOR_HEADROOM
                        + (logits * CHECKPOINTING_LOSS_HEADROOM if gradient_checkpointing else 0))
     if device == "cuda":
-        c_block, c_states, c_layer = _FIT_RESERVE[fragmentation_mode(
-            autocast=autocast, compiled=compiled, gradient_checkpointing=gradient_checkpointing)]
-        block = loss_block_bytes(shape, tokens, autocast=autocast, compiled=compiled)
-        # Room to place the next large request is never more than one loss buffer and one layer.
-        reserve = int(min(c_block * block + c_states * optimizer_states + c_layer * per_layer, block + per_layer))
+        reserve = int(partial.allocated_bytes * FIT_RESERVE_SHARE)
     return replace(partial, headroom_bytes=headroom, fit_reserve_bytes=reserve)
-
-
-def fragmentation_mode(*, autocast: bool, compiled: bool, gradient_checkpointing: bool) -> str:
-    if compiled:
-        return "compiled"
-    if gradient_checkpointing:
-        return "checkpointing"
-    return "eager" if autocast else "fp32"
-
-
-def loss_block_bytes(shape: ModelShape, tokens: int, *, autocast: bool, compiled: bool) -> int:
-    """The largest single allocation of a step: one loss buffer, tokens x vocabulary."""
-    return tokens * shape.vocab_size * (2 if compiled and autocast else 4)
 
 
 def activation_mode(*, autocast: bool, half_base: bool, compiled: bool) -> str:
