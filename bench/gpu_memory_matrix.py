@@ -251,7 +251,7 @@ def prediction(config: Config, plan: Plan) -> dict:
     return {
         "profile": plan.profile, "fits": plan.fits, "passes": plan.passes, "reasons": list(plan.reasons),
         "warnings": list(plan.warnings),
-        "peak_bytes": m.peak_bytes, "allocated_bytes": m.allocated_bytes,
+        "peak_bytes": m.peak_bytes, "allocated_bytes": m.allocated_bytes, "required_bytes": m.required_bytes,
         "reserved_bytes": m.allocated_bytes + m.headroom_bytes, "capacity_bytes": m.capacity_bytes,
         "backward_peak_bytes": m.backward_peak_bytes, "step_peak_bytes": m.step_peak_bytes,
         "breakdown": asdict(m),
@@ -536,6 +536,11 @@ def configs_for(part: str, tiny: bool) -> list[Config]:
     return [replace(c, tiny=tiny) for c in chosen]
 
 
+def expected_peak(config: Config, predicted: dict) -> int:
+    """The peak the planner expects: on a card at its limit (a cap) what it needs, else what the allocator takes."""
+    return predicted["required_bytes"] if config.cap_bytes else predicted["peak_bytes"]
+
+
 def record(part: str, config: Config, measured: dict | None) -> dict:
     predicted = prediction(config, plan_for(config, config.profile))
     entry = {"name": config.name, "part": part, "config": asdict(config), "tokens_per_step": tokens_per_step(config),
@@ -544,7 +549,7 @@ def record(part: str, config: Config, measured: dict | None) -> dict:
         return entry
     on_gpu = measured.get("device") == "cuda" and measured["status"] == "ok"
     entry["error_pct"] = {
-        "peak": pct(predicted["peak_bytes"], measured.get("peak_bytes")) if on_gpu else None,
+        "peak": pct(expected_peak(config, predicted), measured.get("peak_bytes")) if on_gpu else None,
         "allocated": pct(predicted["allocated_bytes"], measured.get("max_allocated_bytes")) if on_gpu else None,
         "reserved": pct(predicted["reserved_bytes"], measured.get("max_reserved_bytes")) if on_gpu else None,
         "runtime": pct(predicted["breakdown"]["runtime_bytes"], measured.get("runtime_bytes")) if on_gpu else None,
@@ -673,7 +678,8 @@ def table(entries: list[dict]) -> str:
             shown = f"WRONG: predicted {'fit' if v['predicted_fits'] else 'no fit'}, {v['why']}"
         measured_s, step_s = probed.get("measured_step_s"), probed.get("step_s")
         peak = m.get("peak_bytes") if m.get("device") == "cuda" else None
-        lines.append(f"{e['name'][:58]:58} {fmt(peak and peak / GiB, '.2f', 8)} {p['peak_bytes'] / GiB:6.2f} "
+        expected = expected_peak(config_of(e), p) if "required_bytes" in p else p["peak_bytes"]
+        lines.append(f"{e['name'][:58]:58} {fmt(peak and peak / GiB, '.2f', 8)} {expected / GiB:6.2f} "
                      f"{fmt(err.get('peak'), '+.1f', 6)} {fmt(probed.get('micro_batch'), 'd', 5)} "
                      f"{fmt(measured_s and measured_s * 1000, '.1f', 8)} {fmt(step_s and step_s * 1000, '.1f', 8)} "
                      f"{fmt(err.get('step_probed'), '+.1f', 6)} {fmt(err.get('step_nearest'), '+.1f', 6)}  {shown}")

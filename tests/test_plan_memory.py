@@ -134,14 +134,15 @@ def test_the_verdict_compares_peak_with_capacity_off_cuda():
     assert memory(device="mps", precision="fp32").fits
 
 
-def test_a_full_card_needs_the_allocated_peak_the_runtime_and_one_percent_not_the_allocators_cache():
+def test_a_full_card_needs_the_allocated_peak_and_the_runtime_not_the_allocators_cache():
     # On CUDA the verdict is checked against what a card at its limit needs: with expandable
     # segments the allocator gives its cached pages back, so the headroom a roomy card shows is not needed.
     m = memory(capacity_bytes=8 * GiB)
-    assert m.fit_reserve_bytes == int(m.allocated_bytes * 0.01) < m.headroom_bytes
-    assert not m.fits and m.margin_bytes == 8 * GiB - (m.allocated_bytes + m.fit_reserve_bytes + m.runtime_bytes)
+    assert m.required_bytes == m.allocated_bytes + m.runtime_bytes == m.peak_bytes - m.headroom_bytes
+    assert not m.fits and m.margin_bytes == 8 * GiB - m.required_bytes
     assert memory().fits
-    assert memory(device="mps", precision="fp32").fit_reserve_bytes == 0
+    roomy_enough = memory(capacity_bytes=m.required_bytes)
+    assert roomy_enough.fits and roomy_enough.peak_bytes > roomy_enough.capacity_bytes
 
 
 def test_apple_capacity_is_the_usable_share_of_unified_memory(tmp_path):

@@ -97,14 +97,6 @@ _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 ALLOCATOR_HEADROOM = 0.05
 RECOMPUTED_LAYER_PEAK = 4  # layers' worth of saved activations while one recomputed layer runs backward
 CHECKPOINTING_LOSS_HEADROOM = 0.10
-# What a card at its limit needs beyond the allocated peak. The trainer runs CUDA's
-# allocator with expandable segments (runner.trainer.allocator): at its limit it
-# unmaps its cached pages and maps them again where the next request fits, so the
-# pool's fragmentation costs nothing there. (With fixed segments, every capped run
-# of 2026-11-24 that ran out of memory did so in its second step, with 5-10% of the
-# card free in pieces too small for the next loss buffer.) What is left is the
-# model's error on the allocated peak: within 1% over the 2026-12-01 matrix.
-FIT_RESERVE_SHARE = 0.01
 # Taken on CUDA beyond the catalog's context figure (measured right after the context is
 # made): kernels loaded lazily by the first training step, 240 MiB outside torch's
 # allocator (767 MiB at the end less the 527 MiB context, every matrix run), and the
@@ -177,7 +169,6 @@ class MemoryBreakdown:
     grad_accum: int
     shards: int = 1  # GPUs that FSDP shards weights, gradients and optimizer states over (1: not sharded)
     gradient_buckets: bool = False  # DDP: gradients live in buckets that stay allocated between steps
-    fit_reserve_bytes: int = 0  # free memory a card at its limit needs beyond the allocated peak (FIT_RESERVE_SHARE)
 
     @property
     def backward_peak_bytes(self) -> int:
@@ -227,13 +218,17 @@ class MemoryBreakdown:
     def required_bytes(self) -> int:
         """What the device must offer to run the job.
 
-        On CUDA the allocated peak, the fit reserve and the runtime: a card at its limit
-        gives the allocator's cached pages back to the next request, so it needs less
-        than ``peak_bytes``. Elsewhere the peak.
+        On CUDA the allocated peak and the runtime. The trainer runs CUDA's allocator
+        with expandable segments (``runner.trainer.allocator``): at the card's limit it
+        unmaps its cached pages and maps them again where the next request fits, so
+        the pool's fragmentation (``headroom_bytes``, what a roomy card shows) costs
+        nothing there. With fixed segments every capped run of 2026-11-24 that ran out
+        of memory did so in its second step, with 5-10% of the card free in pieces too
+        small for the next loss buffer. Elsewhere the peak.
         """
         if self.device != "cuda":
             return self.peak_bytes
-        return self.allocated_bytes + self.fit_reserve_bytes + self.runtime_bytes
+        return self.allocated_bytes + self.runtime_bytes
 
     @property
     def margin_bytes(self) -> int:
@@ -266,7 +261,6 @@ class MemoryBreakdown:
             ("optimizer step temporary", self.optimizer_step_bytes, "only while stepping"),
             ("allocator headroom", self.headroom_bytes, f"{ALLOCATOR_HEADROOM:.0%} of allocated"
              + (f" + {CHECKPOINTING_LOSS_HEADROOM:.0%} of the loss buffers" if self.gradient_checkpointing else "")),
-            ("fit reserve", self.fit_reserve_bytes, f"{FIT_RESERVE_SHARE:.0%} of allocated, what a full card needs beyond it"),
             ("runtime", self.runtime_bytes, "CUDA context, kernels, cuBLAS workspaces" if self.device == "cuda"
              else f"{self.device} runtime"),
         ]
@@ -359,13 +353,11 @@ def estimate_memory(
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
         grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
     )
-    headroom = reserve = 0
+    headroom = 0
     if device != "cpu":
         headroom = int(partial.allocated_bytes * ALLOCATOR_HEADROOM
                        + (logits * CHECKPOINTING_LOSS_HEADROOM if gradient_checkpointing else 0))
-    if device == "cuda":
-        reserve = int(partial.allocated_bytes * FIT_RESERVE_SHARE)
-    return replace(partial, headroom_bytes=headroom, fit_reserve_bytes=reserve)
+    return replace(partial, headroom_bytes=headroom)
 
 
 def activation_mode(*, autocast: bool, half_base: bool, compiled: bool) -> str:
