@@ -12,7 +12,8 @@ not run, and ``--only NAME,NAME`` runs them in another invocation. With
 ``--part all`` raise the budget (about 25 minutes in all).
 
 Method. Every configuration runs in its own subprocess (``--one CONFIG_JSON``),
-so each starts from a fresh CUDA context and an empty caching allocator. The
+so each starts from a fresh CUDA context and an empty caching allocator, set
+up as the trainer sets it (expandable segments, ``runner.trainer.allocator``). The
 child builds the model with the trainer's own ``build_model`` from an
 ``Experiment`` made in code (random weights: memory and speed do not depend on
 their values), makes the trainer's optimizer (fused AdamW on CUDA) and
@@ -28,7 +29,9 @@ What is measured, per configuration:
   (context, loaded kernels, library handles): used at the end, less the same
   baseline, less torch's reserved memory at the end;
 - ``peak_bytes`` = max reserved + runtime: the process's peak, the figure the
-  planner's ``peak_bytes`` predicts. The allocator never hands memory back
+  planner's ``peak_bytes`` predicts (under a cap: its ``required_bytes``, what
+  a card at its limit needs, since there the allocator gives its cache back to
+  the next request). Without a cap the allocator never hands memory back
   during training, so nvidia-smi's figure for the process at the end
   (``smi_process_bytes``) is its figure at peak; it should match ``peak_bytes``
   (``smi_compute_apps`` lists every process on the GPU at the end, should a
@@ -49,7 +52,8 @@ Fit checks (``fit24``, ``fit40``) emulate a smaller card on the big one: the
 child caps the allocator with ``torch.cuda.set_per_process_memory_fraction``
 before it allocates anything, at the profile's usable capacity (memory x usable
 share, what ``Plan.fits`` is checked against) less the context it has just
-made. For each base job the planner picks the largest micro-batch it says fits
+made (with ``--shared-gpu``, other processes allocate meanwhile, so its context
+is nvidia-smi's figure for the process alone). For each base job the planner picks the largest micro-batch it says fits
 and that plus one; a 7B full fine-tune is the clear "does not fit" case, and it
 is only ever tried under a cap. A run fits when it finishes and its
 ``peak_bytes`` stays within the capacity; the verdict is right when that agrees
@@ -72,8 +76,10 @@ leaves their memory verdicts valid and their step times not.
 
 Reading the output: one JSON per configuration and ``results.json`` (all of
 them and a summary) under ``--out``; the last lines printed are a table and the
-summary. Columns: measured and predicted peak (GiB) and the error, measured step
-time, the probed prediction and its error, and the verdict: ``ok`` when the
+summary. Columns: measured and predicted peak (GiB) and the error, the
+micro-batch whose step was predicted from the probes, its measured and
+predicted step time and the error, the error from other shapes alone
+(``near%``), and the verdict: ``ok`` when the
 planner's fits/does-not-fit agrees with the run, ``WRONG`` (with the reason)
 when it does not. Needs torch, transformers, peft and pydantic; not
 ``datasets``, bitsandbytes or torchao.

@@ -60,7 +60,7 @@ Device = Literal["cuda", "mps", "cpu"]
 # statistics, SDPA's log-sum-exp) aside, this fits d20 at seq 1024 and 2048,
 # micro-batch 8 to 16, and d12 at seq 1024 and 2048 within 0.6%. gpt2: the same two residuals and norm
 # outputs, the fused q/k/v and SDPA's output (20h), the small ones (1h) and the MLP's
-# input and GELU output (4i), which fits gpt2-124m at micro-batch 16 to 40 within 1.2%.
+# input and GELU output (4i), which fits gpt2-124m at micro-batch 16 to 48 within 1.4%.
 # No measurement covers gpt2 with a half base or fp32 under compile: those take the
 # nearest mode that saves more (autocast, fp32).
 _ACTIVATION: dict[tuple[str, str], tuple[float, float, float]] = {
