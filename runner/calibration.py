@@ -19,8 +19,11 @@ Measured at two or more micro-batches (a probe measures two), the speed is a
 fixed cost per micro-batch plus a token rate, fitted to the median of the
 newest at each micro-batch (``runner.plan.cost.fit_micro_batch_time``): a step
 at a small micro-batch is mostly fixed cost, so a rate measured at one
-micro-batch does not hold at another. At one micro-batch, or where the fit makes
-no sense (a negative fixed cost), the time is proportional to the tokens.
+micro-batch does not hold at another. Where the smaller micro-batch took no
+less time, the host set the pace: a micro-batch takes the faster time up to the
+largest measured, and grows in proportion beyond (``host_bound_time``). At one
+micro-batch, or where the fit makes no sense (a negative fixed cost), the time
+is proportional to the tokens.
 
 The answer carries the words the plan shows (``calibrated from 3 runs on
 a100-1``, ``... at 2 micro-batches``), the peak memory measured for an exact
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from runner.plan.cost import Measured, fit_micro_batch_time
+from runner.plan.cost import Measured, fit_micro_batch_time, host_bound_time
 from runner.presets import ModelShape
 from runner.units import format_count
 
@@ -155,14 +158,15 @@ class Calibration:
             peaks = [o.peak_bytes for o in speed.observations
                      if o.peak_bytes and (micro_batch is None or o.micro_batch == micro_batch)]
             return Measured(speed.tokens_per_s, f"calibrated from {_count(speed.observations)} {where}{speed.said}",
-                            max(peaks) if peaks else None, _overhead(speed.observations), speed.micro_batch_s)
+                            max(peaks) if peaks else None, _overhead(speed.observations), speed.micro_batch_s,
+                            speed.floor_s)
         nearest = min(pool, key=lambda o: abs(math.log(o.flops_per_token() / target)))
         speed = _speed([o for o in pool if o.shape == nearest.shape and o.seq_len == nearest.seq_len])
         scaled = (f"nearest shape {format_count(nearest.shape.param_count())} params at seq {nearest.seq_len}, "
                   "scaled by FLOPs per token")
         return Measured(speed.tokens_per_s * nearest.flops_per_token() / target,
                         f"calibrated from {_count(speed.observations)} {where}{speed.said}; {scaled}", None,
-                        _overhead(speed.observations), speed.micro_batch_s)
+                        _overhead(speed.observations), speed.micro_batch_s, speed.floor_s)
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class _Speed:
     tokens_per_s: float
     micro_batch_s: float
     said: str  # what the plan adds to "calibrated from ...": nothing at one micro-batch
+    floor_s: float = 0.0
 
 
 def _speed(observations: Sequence[Observation]) -> _Speed:
@@ -194,6 +199,11 @@ def _speed(observations: Sequence[Observation]) -> _Speed:
     at = f" at {len(points)} micro-batches"
     fit = fit_micro_batch_time(points)
     if fit is None:
+        flat = host_bound_time(points)
+        if flat is not None:
+            floor_s, rate = flat
+            return _Speed(chosen, rate, 0.0, f"{at} (bound by the host: {floor_s * 1000:.0f} ms per micro-batch "
+                          f"up to micro-batch {max(by_batch)})", floor_s)
         return _Speed(chosen, statistics.median(o.tokens_per_s for o in chosen), 0.0,
                       f"{at} (proportional: they fit no positive fixed cost)")
     micro_batch_s, rate = fit

@@ -165,6 +165,17 @@ def test_micro_batches_that_fit_a_negative_fixed_cost_fall_back_to_proportional(
     assert m.source == "calibrated from 2 runs on a100-1 at 2 micro-batches (proportional: they fit no positive fixed cost)"
 
 
+def test_a_step_that_does_not_shrink_with_the_micro_batch_is_host_bound_up_to_the_largest_measured():
+    # Like llama-1b in eager mode on an H200: 120 ms at micro-batch 2, 110 ms at 8, and 112 ms at 4.
+    cal = Calibration((at_batch(2, 2 * 1024 / 0.1197, at=1), at_batch(8, 8 * 1024 / 0.1102, at=2)))
+    m = cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16")
+    assert m.seconds(4 * 1024, 1) == pytest.approx(0.1102)  # a proportional rate would say 55 ms
+    assert m.seconds(8 * 1024 * 10, 10) == pytest.approx(10 * 0.1102)
+    assert m.seconds(32 * 1024, 1) == pytest.approx(4 * 0.1102)  # beyond the largest measured, the GPU sets the pace
+    assert m.source == ("calibrated from 2 runs on a100-1 at 2 micro-batches "
+                        "(bound by the host: 110 ms per micro-batch up to micro-batch 8)")
+
+
 def test_the_newest_at_each_micro_batch_are_fitted_so_an_old_small_batch_still_counts():
     truth = dict(fixed_s=0.05, tokens_per_s=100_000)
     small = [at_batch(2, affine_rate(2, 1024, **truth), at=0)]

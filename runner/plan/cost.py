@@ -8,7 +8,8 @@ Measured speed is affine, not proportional: each micro-batch costs a fixed time
 (kernel launches in eager mode, the optimizer step and gradient clipping) on top
 of its tokens at a token rate. On an H100, llama-1b with checkpointing at seq
 1024 took 183 ms per step at micro-batch 3 and 251 ms at 8: about 140 ms of it
-does not shrink with the batch.
+does not shrink with the batch. Where the host sets the pace, a step takes the
+same time whatever its micro-batch, up to where the GPU's share takes over.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class Measured:
     """Speed observed for a shape on a host, replacing the catalog's assumption.
 
     A micro-batch of ``n`` tokens (on all processes together) takes
-    ``micro_batch_s + n / tokens_per_s``; with ``micro_batch_s`` 0 the time is
-    proportional to the tokens.
+    ``micro_batch_s + n / tokens_per_s``, and never less than ``floor_s``; with
+    both 0 the time is proportional to the tokens.
     """
 
     tokens_per_s: float  # what each further token costs; the whole rate when micro_batch_s is 0
@@ -34,10 +35,12 @@ class Measured:
     peak_bytes: int | None = None
     overhead_s: float = 0.0  # a run's fixed cost on the host (start-up, evals, checkpoints), added once
     micro_batch_s: float = 0.0  # the fixed cost of each micro-batch, however few its tokens
+    floor_s: float = 0.0  # the least a micro-batch takes where the host, not the GPU, sets the pace
 
     def seconds(self, tokens: int, micro_batches: int) -> float:
         """Training time for ``tokens`` taken in ``micro_batches`` micro-batches one after another."""
-        return micro_batches * self.micro_batch_s + tokens / self.tokens_per_s
+        work = micro_batches * self.micro_batch_s + tokens / self.tokens_per_s
+        return max(work, micro_batches * self.floor_s)
 
 
 def fit_micro_batch_time(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
@@ -61,6 +64,22 @@ def fit_micro_batch_time(points: Sequence[tuple[float, float]]) -> tuple[float, 
     if slope <= 0 or fixed_s < 0:
         return None
     return fixed_s, 1 / slope
+
+
+def host_bound_time(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """(floor seconds, work per second) where a micro-batch's time did not grow with its work, or None.
+
+    In eager mode a small step can be bound by the host launching its kernels:
+    llama-1b at seq 512 took 120, 112 and 110 ms at micro-batches 2, 4 and 8 on
+    an H200. Then the time is the faster of the measured ones up to the largest
+    micro-batch measured, and proportional to the work beyond it.
+    """
+    if len({work for work, _ in points}) < 2:
+        return None
+    largest = max(points)
+    if any(seconds < largest[1] for work, seconds in points if work < largest[0] * 0.999):
+        return None  # the time grows with the work somewhere: not host-bound
+    return min(seconds for _, seconds in points), largest[0] / largest[1]
 
 
 class ThroughputSource(Protocol):
