@@ -346,8 +346,9 @@ def render_breakdown(out: Console, plan: Plan) -> None:
     for term, nbytes, note in m.rows():
         if nbytes:
             table.add_row(term, format_bytes(nbytes), note)
+    needs = f"; a full card needs {format_bytes(m.required_bytes)}" if m.required_bytes != m.peak_bytes else ""
     table.add_row("[bold]peak[/bold]", f"[bold]{format_bytes(m.peak_bytes)}[/bold]",
-                  f"{format_bytes(m.allocated_bytes)} in tensors")
+                  f"{format_bytes(m.allocated_bytes)} in tensors{needs}")
     share = "unified memory" if m.device == "mps" else "memory"
     table.add_row("capacity", format_bytes(m.capacity_bytes),
                   f"{m.usable_share:.0%} of {format_bytes(m.memory_bytes)} {share}")

@@ -225,7 +225,7 @@ budget: {tokens: 100M}
     assert (moved.micro_batch, moved.grad_accum, moved.precision) == (40, 1, "bf16")
     short = format_bytes(-moved.memory.margin_bytes)
     assert not moved.passes and moved.reasons == (
-        f"needs {format_bytes(moved.memory.peak_bytes)} but rtx4090 has 23.0 GiB usable: {short} short",)
+        f"needs {format_bytes(moved.memory.required_bytes)} but rtx4090 has 23.0 GiB usable: {short} short",)
     fresh = plan_job(job, "rtx4090", inventory=INVENTORY)  # a new run picks its micro-batch for the 4090
     assert fresh.passes and fresh.micro_batch < 40 and fresh.micro_batch * fresh.grad_accum >= 40
     assert plan_resolved(on_a100, "a100", job_file=job.file, inventory=INVENTORY).passes

@@ -225,13 +225,13 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         shapes = [(seq_len, micro, accum, "train")]
 
     memories = [trial(seq, variant(mb, acc)) for seq, mb, acc, _ in shapes]
-    worst = max(range(len(memories)), key=lambda i: memories[i].peak_bytes - memories[i].capacity_bytes)
+    worst = min(range(len(memories)), key=lambda i: memories[i].margin_bytes)
     memory = memories[worst]
     fits = all(m.fits for m in memories)
     if not fits:
         seq, mb, acc, where = shapes[worst]
         stage = f" (stage at seq_len {seq})" if spec.curriculum else ""
-        reasons.append(f"needs {format_bytes(memory.peak_bytes)} but {hw.host} has {format_bytes(memory.capacity_bytes)} "
+        reasons.append(f"needs {format_bytes(memory.required_bytes)} but {hw.host} has {format_bytes(memory.capacity_bytes)} "
                        f"usable{stage}: {format_bytes(-memory.margin_bytes)} short")
         fixes.extend(memory_fixes(variant(mb, acc), lambda v: trial(seq, v), stage_field=where,
                                   pretrained=pretrained))
@@ -317,12 +317,12 @@ def _parallelism(spec: Experiment, world: int, memory: Callable[[str], MemoryBre
     if spec.lora is not None or spec.quantization != "none":
         return "ddp", "DDP: LoRA trains few parameters, so a full copy per GPU costs little"
     ddp = memory("ddp")
-    need, usable = format_bytes(ddp.peak_bytes), format_bytes(ddp.capacity_bytes)
+    need, usable = format_bytes(ddp.required_bytes), format_bytes(ddp.capacity_bytes)
     if ddp.margin_bytes >= AUTO_MARGIN * ddp.capacity_bytes:
         return "ddp", f"DDP: a full copy of the model and its states fits one GPU ({need} of {usable} usable)"
     fsdp = memory("fsdp")
     return "fsdp", (f"FSDP: a full copy per GPU (DDP) needs {need} of {usable} usable; sharding weights, gradients "
-                    f"and optimizer states over {world} GPUs needs {format_bytes(fsdp.peak_bytes)}")
+                    f"and optimizer states over {world} GPUs needs {format_bytes(fsdp.required_bytes)}")
 
 
 def _auto_batch(trial, hw: Hardware, seq_len: int, grad_accum: int, tokens_per_step: int | None,
