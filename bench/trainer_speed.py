@@ -24,10 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runner.trainer import allocator  # noqa: E402
+
+allocator.configure()  # CUDA's allocator as the trainer sets it up, for all three runs
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from runner import presets  # noqa: E402
 from runner.trainer.engine import Engine, make_optimizer, set_fast_math  # noqa: E402
