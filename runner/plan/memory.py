@@ -25,8 +25,10 @@ Face GPT-2 and LLaMA blocks, in eager mode and under torch.compile (which saves
 far less: it fuses the loss and recomputes pointwise work); see ``_ACTIVATION``.
 Every constant below was fitted to the peak memory the trainer reached on an
 H100 80GB (torch 2.11+cu130, transformers 5.17) on 2026-11-24, measured by
-``bench/gpu_memory_matrix.py``: docs/benchmarks.md, "GPU memory", has the tables,
-and ``bench/results/`` the raw figures.
+``bench/gpu_memory_matrix.py``; those for torch.compile and the checkpointed
+backward were refitted on an H200 on 2026-12-01, where the trainer first ran
+with expandable segments. docs/benchmarks.md, "GPU memory", has the tables, and
+``bench/results/`` the raw figures.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ Device = Literal["cuda", "mps", "cpu"]
 # two fp32 residuals (8h), six bf16 h-wide tensors (the two norms' outputs, q, k, v,
 # SDPA's output: 8h + 4kv) and three bf16 MLP tensors (6i); small ones (norm
 # statistics, SDPA's log-sum-exp) aside, this fits d20 at seq 1024 and 2048,
-# micro-batch 8 to 16, and d12 at seq 1024 and 2048 within 0.6%. gpt2: the same two residuals and norm
-# outputs, the fused q/k/v and SDPA's output (20h), the small ones (1h) and the MLP's
-# input and GELU output (4i), which fits gpt2-124m at micro-batch 16 to 48 within 1.4%.
+# micro-batch 8 to 16, and d12 at seq 1024 and 2048 within 0.6%. gpt2: the same two
+# residuals and norm outputs, the fused q/k/v and SDPA's output (20h), the small ones
+# (1h) and the MLP's input and GELU output (4i), which fits gpt2-124m at micro-batch
+# 16 to 48 within 1.4%.
 # No measurement covers gpt2 with a half base or fp32 under compile: those take the
 # nearest mode that saves more (autocast, fp32).
 _ACTIVATION: dict[tuple[str, str], tuple[float, float, float]] = {
