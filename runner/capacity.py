@@ -155,26 +155,33 @@ def probe_run_ids(store: Store) -> set[str]:
 
 
 def probe_observations(store: Store) -> list[Observation]:
-    """Stable probes as calibration observations (compiled or not, as their runs were resolved)."""
+    """Stable probes as calibration observations, trained the way their runs were resolved."""
     from runner.calibration import Observation
 
-    return [Observation(host=r.host, profile=r.profile, shape=r.shape, seq_len=r.seq_len, precision=r.precision,
-                        tokens_per_s=r.tokens_per_s, peak_bytes=r.peak_bytes,
-                        overhead_s=max(0.0, r.wall_s - r.tokens / r.tokens_per_s), kind="probe", at=r.probed_at,
-                        micro_batch=r.micro_batch, compile=_compiled(store, r.run_id))
-            for r in results(store) if r.stable and r.tokens_per_s]
+    out = []
+    for r in results(store):
+        if r.stable and r.tokens_per_s:
+            out.append(Observation(
+                host=r.host, profile=r.profile, shape=r.shape, seq_len=r.seq_len, precision=r.precision,
+                tokens_per_s=r.tokens_per_s, peak_bytes=r.peak_bytes,
+                overhead_s=max(0.0, r.wall_s - r.tokens / r.tokens_per_s), kind="probe", at=r.probed_at,
+                micro_batch=r.micro_batch, **_trained(store, r.run_id)))
+    return out
 
 
-def _compiled(store: Store, run_id: str | None) -> bool:
+def _trained(store: Store, run_id: str | None) -> dict:
+    """LoRA, checkpointing, compile and processes of a probe's run (the defaults for a run no longer stored)."""
     from runner.resolved import ResolvedRun
 
     if run_id is None:
-        return False
+        return {}
     try:
-        run = store.get(run_id)
+        resolved = ResolvedRun.model_validate_json(store.get(run_id).resolved_json)
     except UserError:  # the run was deleted from the store; its probe stays
-        return False
-    return ResolvedRun.model_validate_json(run.resolved_json).compile
+        return {}
+    train = resolved.experiment.train
+    return {"lora": resolved.experiment.lora is not None, "gradient_checkpointing": train.gradient_checkpointing,
+            "compile": resolved.compile, "gpus": resolved.world_size}
 
 
 # --- running probes -----------------------------------------------------------------------
@@ -255,14 +262,10 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
     def run(model: str, seq_len: int, run_steps: int, micro_batch: int | str, name: str) -> ProbeResult:
         job_file = folder / f"{name}.yaml"
         job_file.write_text(probe_job(model, seq_len, run_steps, micro_batch, sample_data_dir(), name))
-        result = _probe_one(store, dispatch, job_file, host, model, seq_len, run_steps, hw, backend, inventory, say)
-        record(store, result)
-        say(f"probe {model} seq {seq_len} on {host}: {result.outcome}"
-            + (f" at micro-batch {result.micro_batch}" if result.micro_batch else "")
-            + (f", {format_count(result.tokens_per_s)} tokens/s" if result.tokens_per_s else "")
-            + (f", peak {format_bytes(result.peak_bytes)}" if result.peak_bytes else "")
-            + (f" ({result.detail})" if result.outcome != "ok" else ""))
-        return result
+        shape = lookup_preset(model)
+        assert shape is not None
+        return _probe_one(store, job_file, host, label=model, shape=shape, seq_len=seq_len, steps=run_steps, hw=hw,
+                          backend=backend, inventory=inventory, say=say)
 
     out = []
     for model in models:
@@ -276,23 +279,80 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
     return out
 
 
-def _probe_one(store, dispatch, job_file: Path, host: str, model: str, seq_len: int, steps: int, hw, backend,
-               inventory, say: Callable[[str], None]) -> ProbeResult:
-    shape = lookup_preset(model)
-    assert shape is not None
-    base = dict(host=host, profile=hw.profile.id, model=model, shape=shape, seq_len=seq_len,
+def probe_experiment(store: Store, host: str, job_file: Path, *, experiment: str | None = None,
+                     sets: Sequence[str] = (), steps: int = DEFAULT_STEPS, backend: str | None = None,
+                     inventory: Inventory | None = None, say: Callable[[str], None] = print) -> list[ProbeResult]:
+    """Probe one experiment of a job file as it is written (model, data, precision, LoRA, checkpointing...).
+
+    ``runner probe`` measures preset shapes the default way; a job trained
+    another way (LoRA, checkpointing, compile off, another precision) is not
+    calibrated by them, since each is a different speed. This runs the job's
+    own configuration for two thirds of ``steps`` at its micro-batch and the
+    rest at a quarter of it, without evals, so its plan is calibrated as a
+    probed shape's is. The results, the job's micro-batch first.
+    """
+    from runner.calibration import experiment_shape
+    from runner.hosts import hardware, load_inventory
+    from runner.spec import load_jobs
+
+    if steps < 1:
+        raise UserError(f"a probe trains at least one step, not {steps}", field="steps")
+    jobs = [j for j in load_jobs(job_file, list(sets)) if experiment in (None, j.name)]
+    if not jobs:
+        raise UserError(f"no experiment named {experiment!r}", file=str(job_file))
+    if len(jobs) > 1:
+        raise UserError(f"{job_file} has {len(jobs)} experiments", file=str(job_file),
+                        hint="pick one with --experiment: " + ", ".join(j.name for j in jobs))
+    job = jobs[0]
+    if job.spec.curriculum:
+        raise UserError("a probe measures one sequence shape; this job's curriculum has several", field="curriculum",
+                        file=str(job_file), hint="probe its stages' shapes with --models and --seq")
+    shape = experiment_shape(job.spec, Path(job_file).resolve().parent)
+    if shape is None:
+        raise UserError("the probe needs the model's shape, and this model's config is not here", field="model",
+                        file=str(job_file), hint="use a preset, model.path, or model.shape for a hub model")
+    inventory = inventory or load_inventory()
+    hw = hardware(inventory.get(host))
+    small_steps = steps // 3
+    probe_sets = [*sets, f"budget.max_steps={steps - small_steps}", "eval.on_start=false",
+                  f"eval.every_steps={steps + 1}", f"checkpoint.every_steps={steps}"]
+
+    def run(run_sets: list[str]) -> ProbeResult:
+        return _probe_one(store, Path(job_file), host, label=job.name, shape=shape, seq_len=job.spec.seq_len,
+                          steps=steps - small_steps, hw=hw, backend=backend, inventory=inventory, say=say,
+                          experiment=job.name, sets=run_sets)
+
+    first = run(probe_sets)
+    out = [first]
+    small = max(1, first.micro_batch // SMALL_SHARE)
+    if first.stable and small_steps and small < first.micro_batch:
+        out.append(run([*probe_sets, f"budget.max_steps={small_steps}", f"train.batch_size={small}",
+                        "train.tokens_per_step=null", "train.grad_accum=1"]))
+    return out
+
+
+def _probe_one(store: Store, job_file: Path, host: str, *, label: str, shape: ModelShape, seq_len: int, steps: int,
+               hw, backend: str | None, inventory, say: Callable[[str], None], experiment: str | None = None,
+               sets: Sequence[str] = ()) -> ProbeResult:
+    """Run one probe through the dispatch path, record it in the ``probes`` table, and say how it went."""
+    from runner import dispatch
+
+    base = dict(host=host, profile=hw.profile.id, model=label, shape=shape, seq_len=seq_len,
                 capacity_bytes=hw.capacity_bytes, probed_at=time.time())
     try:
-        prepared = dispatch.prepare(job_file, host=host, backend=backend, inventory=inventory)[0]
+        prepared = dispatch.prepare(job_file, experiment=experiment, host=host, sets=list(sets), backend=backend,
+                                    inventory=inventory)[0]
     except UserError as exc:
         if exc.exit_code != EXIT_REFUSED:
             raise
-        return ProbeResult(**base, micro_batch=0, grad_accum=0, precision=hw.profile.default_precision, steps=0,
-                           tokens=0, tokens_per_s=None, step_s=None, wall_s=0.0, peak_bytes=None, outcome="refused",
-                           detail=exc.message, versions=versions(backend or "-", None))
+        result = ProbeResult(**base, micro_batch=0, grad_accum=0, precision=hw.profile.default_precision, steps=0,
+                             tokens=0, tokens_per_s=None, step_s=None, wall_s=0.0, peak_bytes=None, outcome="refused",
+                             detail=exc.message, versions=versions(backend or "-", None))
+        _said(store, result, say)
+        return result
     stage = prepared.resolved.stages[0]
     # Said before it starts: a large auto batch on a slow host can make even a short probe long.
-    say(f"probe {model} seq {seq_len} on {host}: {steps} steps of {stage.micro_batch}x{stage.grad_accum}, "
+    say(f"probe {label} seq {seq_len} on {host}: {steps} steps of {stage.micro_batch}x{stage.grad_accum}, "
         f"planned {format_duration(prepared.plan.seconds)} ({prepared.plan.throughput_source})")
     run = dispatch.launch(store, prepared, say=lambda _: None)
     run = dispatch.wait(store, run.id)
@@ -300,12 +360,24 @@ def _probe_one(store, dispatch, job_file: Path, host: str, model: str, seq_len: 
     outcome, detail = _outcome(run.state, run.reason, summary)
     tokens_per_s = steady_tokens_per_s(Path(run.run_dir)) or summary.get("tokens_per_s")
     tokens_per_step = stage.tokens_per_step(prepared.resolved.gpus)
-    return ProbeResult(
+    result = ProbeResult(
         **base, micro_batch=stage.micro_batch, grad_accum=stage.grad_accum, precision=prepared.resolved.precision,
         steps=int(summary.get("steps") or 0), tokens=int(summary.get("tokens") or 0), tokens_per_s=tokens_per_s,
         step_s=tokens_per_step / tokens_per_s if tokens_per_s else None, wall_s=run.wall_s,
         peak_bytes=summary.get("peak_bytes"), outcome=outcome, detail=detail,
         versions=versions(run.backend, run.image), run_id=run.id)
+    _said(store, result, say)
+    return result
+
+
+def _said(store: Store, result: ProbeResult, say: Callable[[str], None]) -> None:
+    """Record a probe result and say it in one line."""
+    record(store, result)
+    say(f"probe {result.model} seq {result.seq_len} on {result.host}: {result.outcome}"
+        + (f" at micro-batch {result.micro_batch}" if result.micro_batch else "")
+        + (f", {format_count(result.tokens_per_s)} tokens/s" if result.tokens_per_s else "")
+        + (f", peak {format_bytes(result.peak_bytes)}" if result.peak_bytes else "")
+        + (f" ({result.detail})" if result.outcome != "ok" else ""))
 
 
 def steady_tokens_per_s(run_dir: Path) -> float | None:

@@ -19,6 +19,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner.errors import EXIT_INVALID, EXIT_OK, EXIT_REFUSED, UserError, UserErrors
@@ -602,8 +603,6 @@ def run_resume(args: argparse.Namespace) -> int:
          arg("--store", metavar="PATH", help="the run store database (default: $RUNNER_HOME/runs.db)"),
          *SET_ARGS)
 def tui(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tui.app import RunnerApp, Settings
 
     RunnerApp(Settings(jobs_dir=Path(args.jobs_dir), hosts_file=Path(args.hosts_file) if args.hosts_file else None,
@@ -670,12 +669,23 @@ def compare(args: argparse.Namespace) -> int:
          arg("--hours", default="24", metavar="HOURS", help="the time the capacity table is for (24, 90m, 2d)"),
          arg("--batch-size", default="auto", metavar="N", help="micro-batch per probe (default: the largest that fits)"),
          arg("--backend", choices=["docker", "native"], help="force a backend (default: from the host's profile)"),
+         arg("--job", type=Path, metavar="FILE",
+             help="probe this job as written (LoRA, checkpointing, precision...) instead of preset shapes"),
+         arg("--experiment", help="which experiment of a multi-experiment --job file"),
+         arg("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+             help="override a --job field, e.g. --set train.gradient_checkpointing=true"),
          *STORE_ARGS)
 def probe(args: argparse.Namespace) -> int:
     from runner import capacity
     from runner.hosts import load_inventory
     from runner.store import Store
     from runner.units import parse_hours
+
+    if args.job is not None:
+        if args.models or args.batch_size != "auto":
+            raise UserError("--job probes the job as written: its model and micro-batch, not --models or --batch-size",
+                            field="probe", hint="drop --models/--batch-size, or --set the job's fields")
+        return probe_job(args)
 
     def numbers(text: str, what: str) -> list[int]:
         try:
@@ -706,6 +716,37 @@ def probe(args: argparse.Namespace) -> int:
     out.print(capacity.capacity_table(cap))
     out.print(cap.recommendation(), markup=False, highlight=False)
     return EXIT_OK if cap.primary is not None else EXIT_REFUSED
+
+
+def probe_job(args: argparse.Namespace) -> int:
+    """`runner probe HOST --job FILE`: the job's own configuration at two micro-batches, then its plan there."""
+    from runner import capacity
+    from runner.calibration import Calibration
+    from runner.hosts import load_inventory
+    from runner.plan import plan_job
+    from runner.spec import load_jobs
+    from runner.store import Store
+    from runner.units import format_count, format_duration
+
+    inventory = load_inventory(args.hosts_file)
+    store = Store.open(args.store)
+    try:
+        found = capacity.probe_experiment(store, args.host, args.job, experiment=args.experiment, sets=args.sets,
+                                          steps=args.steps, backend=args.backend, inventory=inventory,
+                                          say=lambda line: print(line, file=sys.stderr, flush=True))
+        calibration = Calibration.from_store(store)
+    finally:
+        store.close()
+    if not found[0].stable:
+        print(f"error: the probe of {found[0].model} on {args.host} did not run cleanly: {found[0].detail}",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    job = next(j for j in load_jobs(args.job, args.sets) if j.name == found[0].model)
+    plan = plan_job(job, args.host, inventory=inventory, throughput=calibration)
+    print(f"{job.name} on {args.host}: {plan.steps:,} steps of {plan.micro_batch}x{plan.grad_accum}, "
+          f"{format_count(plan.tokens_per_s)} tokens/s, {format_duration(plan.seconds)}, ${plan.cost_usd:,.2f}; "
+          f"{plan.throughput_source}")
+    return EXIT_OK
 
 
 # --- remote hosts -------------------------------------------------------------------------

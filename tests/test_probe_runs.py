@@ -133,3 +133,29 @@ def test_after_one_probe_the_plan_and_the_run_use_the_probed_rate_and_compare_le
     assert run.predicted_seconds == pytest.approx(plan.seconds, rel=0.02)  # `runner run` plans as `runner plan` does
     assert math.isfinite(run.wall_s) and run.wall_s > 0
     assert [r.run_id for r in cmp.records(store)] == [run.id]  # the probe's own run is no experiment
+
+
+def test_a_job_probed_as_written_calibrates_that_job_and_not_one_trained_another_way(store, capsys):
+    inventory = Inventory({"local": Host(name="local", kind="local", profile="cpu")}, None)
+    checkpointed = ["train.gradient_checkpointing=true"]
+    assert main(["probe", "local", "--job", str(QUICKSTART), "--set", checkpointed[0], "--steps", "6",
+                 "--backend", "native"]) == 0
+    said = capsys.readouterr()
+    assert [(r.model, r.micro_batch, r.outcome) for r in capacity.results(store, "local")] == [
+        ("quickstart", 16, "ok"), ("quickstart", 4, "ok")]
+    assert "quickstart on local: " in said.out and "calibrated from 2 probes on local at 2 micro-batches" in said.out
+
+    calibration = Calibration.from_store(store)
+    probed = plan_job(load_jobs(QUICKSTART, checkpointed)[0], "local", inventory=inventory, throughput=calibration)
+    assert probed.throughput_source.startswith("calibrated from 2 probes on local at 2 micro-batches")
+    # Without checkpointing the job is another speed: the probe does not stand for it.
+    plain = plan_job(load_jobs(QUICKSTART)[0], "local", inventory=inventory, throughput=calibration)
+    assert plain.throughput_source.startswith("catalog default")
+
+
+def test_a_job_probe_refuses_a_curriculum_and_preset_flags_before_anything_runs(store, capsys):
+    assert main(["probe", "local", "--job", str(ROOT / "jobs" / "curriculum-197m.yaml")]) == 2
+    assert "curriculum" in capsys.readouterr().err
+    assert main(["probe", "local", "--job", str(QUICKSTART), "--models", "tiny"]) == 2
+    assert "--job probes the job as written" in capsys.readouterr().err
+    assert capacity.results(store) == []
