@@ -612,7 +612,7 @@ def calibrate(entries: list[dict]) -> None:
         if not timed_on_gpu(m):
             continue
         if e["part"] == "matrix":
-            job = [x for x in m.get("extra", [])[1:]]
+            job = m.get("extra", [])[1:]
             if not job:
                 continue
             config, measured_s = replace(config, micro_batch=job[0]["micro_batch"]), job[0]["mean_step_s"]
