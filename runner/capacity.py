@@ -257,7 +257,6 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
     hw = hardware(inventory.get(host))
     folder = store.path.parent / "probes" / f"{host}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder.mkdir(parents=True, exist_ok=True)
-    small_steps = steps // 3
 
     def run(model: str, seq_len: int, run_steps: int, micro_batch: int | str, name: str) -> ProbeResult:
         job_file = folder / f"{name}.yaml"
@@ -271,12 +270,21 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
     for model in models:
         for seq_len in seq_lens:
             name = f"probe-{model}-s{seq_len}"
-            result = run(model, seq_len, steps - small_steps, batch_size, name)
-            out.append(result)
-            small = max(1, result.micro_batch // SMALL_SHARE)
-            if result.stable and small_steps and small < result.micro_batch:
-                run(model, seq_len, small_steps, small, f"{name}-b{small}")
+            out.append(_at_two_micro_batches(
+                lambda n, mb: run(model, seq_len, n, mb if mb is not None else batch_size,
+                                  name if mb is None else f"{name}-b{mb}"), steps)[0])
     return out
+
+
+def _at_two_micro_batches(run: Callable[[int, int | None], ProbeResult], steps: int) -> list[ProbeResult]:
+    """Two thirds of ``steps`` at the micro-batch a job would use (``None``), then, if that ran cleanly,
+    the rest at a quarter of it: how a step's time grows with its tokens, for the calibration."""
+    small_steps = steps // 3
+    first = run(steps - small_steps, None)
+    small = max(1, first.micro_batch // SMALL_SHARE)
+    if first.stable and small_steps and small < first.micro_batch:
+        return [first, run(small_steps, small)]
+    return [first]
 
 
 def probe_experiment(store: Store, host: str, job_file: Path, *, experiment: str | None = None,
@@ -293,17 +301,11 @@ def probe_experiment(store: Store, host: str, job_file: Path, *, experiment: str
     """
     from runner.calibration import experiment_shape
     from runner.hosts import hardware, load_inventory
-    from runner.spec import load_jobs
+    from runner.spec import load_jobs, pick_experiment
 
     if steps < 1:
         raise UserError(f"a probe trains at least one step, not {steps}", field="steps")
-    jobs = [j for j in load_jobs(job_file, list(sets)) if experiment in (None, j.name)]
-    if not jobs:
-        raise UserError(f"no experiment named {experiment!r}", file=str(job_file))
-    if len(jobs) > 1:
-        raise UserError(f"{job_file} has {len(jobs)} experiments", file=str(job_file),
-                        hint="pick one with --experiment: " + ", ".join(j.name for j in jobs))
-    job = jobs[0]
+    job = pick_experiment(load_jobs(job_file, list(sets)), experiment, job_file)
     if job.spec.curriculum:
         raise UserError("a probe measures one sequence shape; this job's curriculum has several", field="curriculum",
                         file=str(job_file), hint="probe its stages' shapes with --models and --seq")
@@ -313,22 +315,17 @@ def probe_experiment(store: Store, host: str, job_file: Path, *, experiment: str
                         file=str(job_file), hint="use a preset, model.path, or model.shape for a hub model")
     inventory = inventory or load_inventory()
     hw = hardware(inventory.get(host))
-    small_steps = steps // 3
-    probe_sets = [*sets, f"budget.max_steps={steps - small_steps}", "eval.on_start=false",
-                  f"eval.every_steps={steps + 1}", f"checkpoint.every_steps={steps}"]
 
-    def run(run_sets: list[str]) -> ProbeResult:
+    def run(run_steps: int, micro_batch: int | None) -> ProbeResult:
+        run_sets = [*sets, f"budget.max_steps={run_steps}", "eval.on_start=false",
+                    f"eval.every_steps={run_steps + 1}", f"checkpoint.every_steps={run_steps}"]
+        if micro_batch is not None:
+            run_sets += [f"train.batch_size={micro_batch}", "train.tokens_per_step=null", "train.grad_accum=1"]
         return _probe_one(store, Path(job_file), host, label=job.name, shape=shape, seq_len=job.spec.seq_len,
-                          steps=steps - small_steps, hw=hw, backend=backend, inventory=inventory, say=say,
+                          steps=run_steps, hw=hw, backend=backend, inventory=inventory, say=say,
                           experiment=job.name, sets=run_sets)
 
-    first = run(probe_sets)
-    out = [first]
-    small = max(1, first.micro_batch // SMALL_SHARE)
-    if first.stable and small_steps and small < first.micro_batch:
-        out.append(run([*probe_sets, f"budget.max_steps={small_steps}", f"train.batch_size={small}",
-                        "train.tokens_per_step=null", "train.grad_accum=1"]))
-    return out
+    return _at_two_micro_batches(run, steps)
 
 
 def _probe_one(store: Store, job_file: Path, host: str, *, label: str, shape: ModelShape, seq_len: int, steps: int,

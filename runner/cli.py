@@ -724,14 +724,15 @@ def probe_job(args: argparse.Namespace) -> int:
     from runner.calibration import Calibration
     from runner.hosts import load_inventory
     from runner.plan import plan_job
-    from runner.spec import load_jobs
+    from runner.spec import load_jobs, pick_experiment
     from runner.store import Store
     from runner.units import format_count, format_duration
 
+    job = pick_experiment(load_jobs(args.job, args.sets), args.experiment, args.job)
     inventory = load_inventory(args.hosts_file)
     store = Store.open(args.store)
     try:
-        found = capacity.probe_experiment(store, args.host, args.job, experiment=args.experiment, sets=args.sets,
+        found = capacity.probe_experiment(store, args.host, args.job, experiment=job.name, sets=args.sets,
                                           steps=args.steps, backend=args.backend, inventory=inventory,
                                           say=lambda line: print(line, file=sys.stderr, flush=True))
         calibration = Calibration.from_store(store)
@@ -741,7 +742,6 @@ def probe_job(args: argparse.Namespace) -> int:
         print(f"error: the probe of {found[0].model} on {args.host} did not run cleanly: {found[0].detail}",
               file=sys.stderr)
         return EXIT_REFUSED
-    job = next(j for j in load_jobs(args.job, args.sets) if j.name == found[0].model)
     plan = plan_job(job, args.host, inventory=inventory, throughput=calibration)
     print(f"{job.name} on {args.host}: {plan.steps:,} steps of {plan.micro_batch}x{plan.grad_accum}, "
           f"{format_count(plan.tokens_per_s)} tokens/s, {format_duration(plan.seconds)}, ${plan.cost_usd:,.2f}; "

@@ -399,6 +399,18 @@ def _locate(doc: Doc, prefixes: tuple[Path_, ...], overrides: dict[Path_, str], 
     return UserError(message, file=doc.file, line=best[0], col=best[1], field=dotted(loc) or None, hint=hint)
 
 
+def pick_experiment(jobs: list[Job], experiment: str | None, file: str | Path) -> Job:
+    """The one experiment to act on: the one named, or the file's only one."""
+    if experiment:
+        jobs = [j for j in jobs if j.name == experiment]
+        if not jobs:
+            raise UserError(f"no experiment named {experiment!r}", file=str(file), field="experiment")
+    if len(jobs) > 1:
+        raise UserError(f"{file} has {len(jobs)} experiments", file=str(file),
+                        hint="pick one with --experiment: " + ", ".join(j.name for j in jobs))
+    return jobs[0]
+
+
 def load_jobs(path: str | Path, sets: list[str] | None = None) -> list[Job]:
     """Load every experiment in a job file, with ``--set a.b=value`` overrides applied.
 

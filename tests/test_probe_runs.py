@@ -153,9 +153,12 @@ def test_a_job_probed_as_written_calibrates_that_job_and_not_one_trained_another
     assert plain.throughput_source.startswith("catalog default")
 
 
-def test_a_job_probe_refuses_a_curriculum_and_preset_flags_before_anything_runs(store, capsys):
+def test_a_job_probe_refuses_a_curriculum_preset_flags_and_an_unnamed_experiment_before_anything_runs(store, capsys):
     assert main(["probe", "local", "--job", str(ROOT / "jobs" / "curriculum-197m.yaml")]) == 2
     assert "curriculum" in capsys.readouterr().err
     assert main(["probe", "local", "--job", str(QUICKSTART), "--models", "tiny"]) == 2
     assert "--job probes the job as written" in capsys.readouterr().err
+    assert main(["probe", "local", "--job", str(ROOT / "jobs" / "fin-cpt-4090.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "has 5 experiments" in err and "pick one with --experiment" in err
     assert capacity.results(store) == []

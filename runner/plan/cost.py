@@ -50,7 +50,7 @@ def fit_micro_batch_time(points: Sequence[tuple[float, float]]) -> tuple[float, 
     relative error, since a plan is judged by it: a small micro-batch's point
     counts as much as a large one's. None with fewer than two distinct amounts of
     work, or when the line makes no sense (a negative fixed cost, a time that does
-    not grow with the work); the caller then stays proportional.
+    not grow with the work: see ``host_bound_time``).
     """
     if len({work for work, _ in points}) < 2:
         return None
@@ -77,7 +77,7 @@ def host_bound_time(points: Sequence[tuple[float, float]]) -> tuple[float, float
     if len({work for work, _ in points}) < 2:
         return None
     largest = max(points)
-    if any(seconds < largest[1] for work, seconds in points if work < largest[0] * 0.999):
+    if any(seconds < largest[1] for work, seconds in points if work < largest[0]):
         return None  # the time grows with the work somewhere: not host-bound
     return min(seconds for _, seconds in points), largest[0] / largest[1]
 

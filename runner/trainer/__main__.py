@@ -26,22 +26,15 @@ def load_resolved(path: Path, experiment: str | None, sets: list[str], host: str
             return ResolvedRun.model_validate_json(path.read_text())
         except (OSError, ValidationError) as exc:
             raise UserError(f"not a resolved run: {exc}".splitlines()[0], file=str(path)) from None
-    from runner.spec import load_jobs
+    from runner.spec import load_jobs, pick_experiment
 
-    jobs = load_jobs(path, sets)
-    if experiment:
-        jobs = [j for j in jobs if j.name == experiment]
-        if not jobs:
-            raise UserError(f"no experiment named {experiment!r}", file=str(path))
-    if len(jobs) > 1:
-        raise UserError(f"{path} has {len(jobs)} experiments", file=str(path),
-                        hint="pick one with --experiment: " + ", ".join(j.name for j in jobs))
+    job = pick_experiment(load_jobs(path, sets), experiment, path)
     try:
         from runner.plan import resolve
     except ImportError:
         raise UserError("the planner (runner.plan) is not installed here, so a job file cannot be resolved",
                         file=str(path), hint="pass the resolved.json that `runner plan` writes") from None
-    return resolve(jobs[0], host=host)
+    return resolve(job, host=host)
 
 
 def main(argv: list[str] | None = None) -> int:
