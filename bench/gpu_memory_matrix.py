@@ -202,6 +202,8 @@ def fit_bases(part: str) -> list[Config]:
             c("llama-1b", 1024, 1, "bf16", checkpointing=True),
             c("llama-7b", 512, 1, "fp16", checkpointing=True, lora=True),
             c("llama-7b", 512, 1, "bf16"),  # full fine-tune: 16 B/param alone is 108 GB
+            c("gpt2-124m", 1024, 1, "bf16", checkpointing=True),
+            c("d12", 2048, 1, "bf16", checkpointing=True),
         ]
     else:
         bases = [
@@ -213,6 +215,8 @@ def fit_bases(part: str) -> list[Config]:
             c("llama-7b", 1024, 1, "fp16", checkpointing=True, lora=True),
             c("llama-7b", 512, 1, "fp16", lora=True),
             c("llama-7b", 512, 1, "bf16"),
+            c("d20", 2048, 1, "bf16", checkpointing=True),
+            c("llama-1b", 1024, 1, "bf16", checkpointing=True),
         ]
     return [replace(b, profile=FIT_PROFILES[part], warmup_steps=1, timed_steps=2) for b in bases]
 

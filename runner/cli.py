@@ -347,7 +347,8 @@ def render_breakdown(out: Console, plan: Plan) -> None:
     for term, nbytes, note in m.rows():
         if nbytes:
             table.add_row(term, format_bytes(nbytes), note)
-    needs = f"; a full card needs {format_bytes(m.required_bytes)}" if m.required_bytes != m.peak_bytes else ""
+    slack = f" (with {format_bytes(m.cap_slack_bytes)} of part-used allocator pages)" if m.cap_slack_bytes else ""
+    needs = f"; a full card needs {format_bytes(m.required_bytes)}{slack}" if m.required_bytes != m.peak_bytes else ""
     table.add_row("[bold]peak[/bold]", f"[bold]{format_bytes(m.peak_bytes)}[/bold]",
                   f"{format_bytes(m.allocated_bytes)} in tensors{needs}")
     share = "unified memory" if m.device == "mps" else "memory"

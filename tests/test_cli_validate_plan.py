@@ -112,6 +112,9 @@ def test_plan_on_one_host_shows_the_memory_breakdown(capsys):
     for term in ("weights", "gradients", "optimizer states", "activations", "logits and loss",
                  "allocator headroom", "CUDA context", "capacity", "verdict"):
         assert term in out
+    code, out, _ = run(capsys, "plan", str(ROOT / "jobs" / "fin-cpt-4090.yaml"), "--host", "rtx4090",
+                       "--set", "train.gradient_checkpointing=true")
+    assert code == 0 and "a full card needs" in out and "of part-used allocator pages" in out
 
 
 def test_plan_short_flags_are_set_overrides_and_shown(capsys):

@@ -7,7 +7,7 @@ import pytest
 from runner.hosts import Host, Inventory
 from runner.plan import AUTO_MARGIN, plan_job, plan_resolved, resolve
 from runner.plan.memory import LoraShape, estimate_memory, lora_params
-from runner.presets import PRESETS
+from runner.presets import PRESETS, lookup_preset
 from runner.spec import load_jobs
 from runner.units import format_bytes
 
@@ -25,7 +25,7 @@ def memory(shape="gpt2-124m", **overrides):
     settings = dict(seq_len=1024, micro_batch=8, precision="bf16", device="cuda", capacity_bytes=80 * GiB,
                     memory_bytes=80 * GiB, usable_share=1.0, runtime_bytes=512 * 2**20)
     settings.update(overrides)
-    return estimate_memory(PRESETS[shape], **settings)
+    return estimate_memory(lookup_preset(shape), **settings)
 
 
 def job_from(tmp_path, text, sets=None):
@@ -157,6 +157,23 @@ def test_a_full_card_needs_the_allocated_peak_and_the_runtime_not_the_allocators
     assert memory().fits
     roomy_enough = memory(capacity_bytes=m.required_bytes)
     assert roomy_enough.fits and roomy_enough.peak_bytes > roomy_enough.capacity_bytes
+
+
+def test_a_checkpointed_step_at_a_full_card_also_needs_the_pages_the_allocator_cannot_give_back():
+    # Bisecting the cap on an H200: d20 at seq 2048, micro-batch 9, checkpointed, ran out of
+    # memory with 0.40 GiB above its allocated peak and ran with 0.41; LoRA needed 0.08.
+    d20 = memory("d20", seq_len=2048, micro_batch=9, gradient_checkpointing=True, capacity_bytes=24 * GiB)
+    assert d20.cap_slack_bytes / GiB == pytest.approx(0.405, abs=0.01)
+    assert d20.required_bytes == d20.allocated_bytes + d20.cap_slack_bytes + d20.runtime_bytes
+    lora = memory("llama-7b", seq_len=512, micro_batch=29, precision="fp16", gradient_checkpointing=True,
+                  lora=LoraShape(16, ("q_proj", "k_proj", "v_proj", "o_proj")))
+    assert lora.cap_slack_bytes / GiB == pytest.approx(0.08, abs=0.01)
+    # Twice d20's loss buffers needed no more than 0.58 GiB: the slack stops at 0.5 GiB.
+    assert memory("d20", seq_len=2048, micro_batch=18, gradient_checkpointing=True).cap_slack_bytes == GiB // 2
+    # Without checkpointing the runtime's own margin covers the 0.05 GiB measured; off CUDA the peak decides.
+    assert memory("d12", seq_len=2048, micro_batch=7).cap_slack_bytes == 0
+    on_mps = memory(device="mps", precision="fp32", gradient_checkpointing=True)
+    assert on_mps.cap_slack_bytes == 0 and on_mps.required_bytes == on_mps.peak_bytes
 
 
 def test_apple_capacity_is_the_usable_share_of_unified_memory(tmp_path):

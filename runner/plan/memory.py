@@ -105,6 +105,17 @@ CHECKPOINTING_LOSS_HEADROOM = 0.10
 # allocator (767 MiB at the end less the 527 MiB context, every matrix run), and the
 # cuBLAS/cuBLASLt workspaces torch allocates at the first matmul, 64-70 MiB in tensors.
 CUDA_KERNELS_BYTES = 240 * 2**20
+# At a full card, expandable segments give back cached memory in whole pages of the
+# large pool (20 MiB), so the part-used pages at the edges of free blocks stay mapped.
+# Bisecting the allocator's cap over three steps (H200, 2026-12-01), a checkpointed
+# step needed above its allocated peak: 0.41 GiB (d20 seq 2048 b9), 0.31 (gpt2-355m
+# seq 1024 b26), 0.22 (llama-1b seq 1024 b15) for full fine-tunes, 0.08 for LoRA
+# (llama-7b seq 512 b29); one without checkpointing 0.05 (d12 seq 2048 b7), inside
+# the runtime figure's margin. Taken as a share of the loss buffers (the largest
+# transient of a checkpointed step), keyed by LoRA, and at most 0.5 GiB: d20 at b18,
+# twice the loss buffers of b9, ran within 0.58 GiB of its cap.
+CHECKPOINTING_CAP_SLACK = {False: 0.03, True: 0.015}
+CHECKPOINTING_CAP_SLACK_MAX = 512 * 2**20
 CUBLAS_WORKSPACE_BYTES = 64 * 2**20
 
 
@@ -225,13 +236,20 @@ class MemoryBreakdown:
         with expandable segments (``runner.trainer.allocator``): at the card's limit it
         unmaps its cached pages and maps them again where the next request fits, so
         the pool's fragmentation (``headroom_bytes``, what a roomy card shows) costs
-        nothing there. With fixed segments every capped run of 2026-11-24 that ran out
+        nothing there but the part-used pages it cannot unmap (``cap_slack_bytes``). With fixed segments every capped run of 2026-11-24 that ran out
         of memory did so in its second step, with 5-10% of the card free in pieces too
         small for the next loss buffer. Elsewhere the peak.
         """
         if self.device != "cuda":
             return self.peak_bytes
-        return self.allocated_bytes + self.runtime_bytes
+        return self.allocated_bytes + self.cap_slack_bytes + self.runtime_bytes
+
+    @property
+    def cap_slack_bytes(self) -> int:
+        """Pages the allocator cannot give back at a full card (``CHECKPOINTING_CAP_SLACK``)."""
+        if self.device != "cuda" or not self.gradient_checkpointing:
+            return 0
+        return min(int(self.logits_bytes * CHECKPOINTING_CAP_SLACK[self.lora_bytes > 0]), CHECKPOINTING_CAP_SLACK_MAX)
 
     @property
     def margin_bytes(self) -> int:
