@@ -6,6 +6,7 @@
     python bench/gpu_memory_matrix.py --part all --dry-run             # the jobs and predictions only, no torch
     python bench/gpu_memory_matrix.py --tiny --device cpu --limit 2 --out x   # a CPU smoke test
     python bench/gpu_memory_matrix.py --replan RESULTS.json ...         # saved results against today's planner
+    python bench/gpu_memory_matrix.py --part fit24 --only NAME --slack --out x  # the cap NAME needs above its peak
 
 No configuration starts after ``--budget-s`` (540 s): the rest are listed as
 not run, and ``--only NAME,NAME`` runs them in another invocation. With
@@ -720,6 +721,35 @@ def replan(paths: list[Path], out: Path | None) -> None:
     print("\nreplanned: " + report_line(summary, saved[0]["device"]))
 
 
+def cap_slack(config: Config, device_kind: str, timeout_s: float, steps: int = 6) -> dict:
+    """How far above its allocated peak the allocator's cap must be for the job to run: bisected.
+
+    One uncapped run gives the peak in tensors; each capped run then sets the cap
+    at that peak, the runtime and a slack between 0 and 0.8 GiB (the context is this
+    GPU's usual figure; the child records the cap it really set).
+    """
+    free = run_child(replace(config, cap_bytes=None), device_kind, timeout_s)
+    entry = {"name": config.name, "config": asdict(config), "uncapped": free, "runs": []}
+    if not free.get("max_allocated_bytes"):  # it failed, or ran on a CPU: nothing to cap
+        return entry
+    peak = free["max_allocated_bytes"]
+    low, high = 0.0, 0.8 * 2**30  # bytes of slack: too little, enough
+    context = SHARED_CONTEXT_BYTES  # corrected by each run: the cap the child really set
+    for _ in range(steps):
+        cap = int(peak + (low + high) / 2 + context + CUDA_KERNELS_BYTES)
+        run = run_child(replace(config, cap_bytes=cap), device_kind, timeout_s)
+        allowed = (run.get("memory_fraction") or 0) * (run.get("total_bytes") or 0)
+        context = cap - CUDA_KERNELS_BYTES - allowed
+        entry["runs"].append({"slack_bytes": allowed - peak, "status": run.get("status"),
+                              "max_allocated_bytes": run.get("max_allocated_bytes")})
+        if run.get("status") == "ok":
+            high = min(high, allowed - peak)
+        else:
+            low = max(low, allowed - peak)
+    entry.update(needs_more_than_bytes=low, enough_bytes=high)
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["matrix", "fit24", "fit40", "all"], default="matrix")
@@ -736,6 +766,8 @@ def main() -> None:
                         help="another process trains on this GPU meanwhile: memory verdicts hold, step times are not used")
     parser.add_argument("--replan", type=Path, nargs="+", metavar="RESULTS_JSON",
                         help="no runs: compare saved measurements (results.json) with the planner as it is now")
+    parser.add_argument("--slack", action="store_true",
+                        help="for each chosen configuration (use --only), bisect the cap it needs above its allocated peak")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one configuration as JSON
     args = parser.parse_args()
 
@@ -758,6 +790,17 @@ def main() -> None:
             wanted = set(args.only.split(","))
             chosen = [c for c in chosen if c.name in wanted]
         planned += [(part, c) for c in chosen[: args.limit]]
+
+    if args.slack:
+        slacks = [cap_slack(replace(c, warmup_steps=2, timed_steps=1), args.device, args.timeout_s)
+                  for _, c in planned]
+        write_json(args.out / "slack.json", {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                                              "results": slacks})
+        for e in slacks:
+            bounds = (f"{e['needs_more_than_bytes'] / 2**30:.3f} < slack <= {e['enough_bytes'] / 2**30:.3f} GiB"
+                      if "enough_bytes" in e else f"uncapped run {e['uncapped'].get('status')}")
+            print(f"{e['name']:58s} {bounds}")
+        return
 
     began = time.monotonic()
     entries: list[dict] = []

@@ -137,3 +137,24 @@ def test_the_matrix_runs_on_a_cpu_with_tiny_models_and_writes_every_field(tmp_pa
         assert {"predicted_fits", "actual_fits", "agrees", "capacity_bytes"} <= set(result["verdict"])
     tail = done.stdout.strip().splitlines()
     assert tail[-1].startswith("cpu; peak within 10%") and any(line.startswith("config ") for line in tail)
+
+
+def test_the_slack_bisection_closes_in_on_the_least_cap_above_the_peak_that_runs(monkeypatch):
+    # Stands in for the GPU: the job runs when the allocator may go 0.3 GiB above its 20 GiB peak.
+    GiB, total, context = 2**30, 140 * 2**30, 500 * 2**20
+    caps = []
+
+    def child(config, device_kind, timeout_s):
+        if config.cap_bytes is None:
+            return {"status": "ok", "max_allocated_bytes": 20 * GiB}
+        caps.append(config.cap_bytes)
+        allowed = config.cap_bytes - context - bench.CUDA_KERNELS_BYTES
+        return {"status": "ok" if allowed >= 20.3 * GiB else "oom", "memory_fraction": allowed / total,
+                "total_bytes": total, "max_allocated_bytes": 20 * GiB}
+
+    monkeypatch.setattr(bench, "run_child", child)
+    entry = bench.cap_slack(bench.Config("d20", 2048, 9, "bf16", checkpointing=True), "cuda", 60)
+    assert len(caps) == 6 and entry["uncapped"]["status"] == "ok"
+    assert entry["needs_more_than_bytes"] < 0.3 * GiB <= entry["enough_bytes"]
+    assert entry["enough_bytes"] - entry["needs_more_than_bytes"] < 0.8 * GiB / 2**5  # halved at each run
+    assert [r["status"] for r in entry["runs"]][:2] == ["ok", "oom"]  # 0.4 GiB above the peak, then 0.2
