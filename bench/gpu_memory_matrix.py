@@ -1,8 +1,8 @@
 """Peak memory and step time of the trainer on one GPU, next to the planner's prediction for the same job.
 
     python bench/gpu_memory_matrix.py --part matrix --out gpu-matrix   # 19 jobs, ~12 min on an H200
-    python bench/gpu_memory_matrix.py --part fit24 --out gpu-fit24     # 15 jobs under a 24 GB cap, ~6 min
-    python bench/gpu_memory_matrix.py --part fit40 --out gpu-fit40     # 15 jobs under a 40 GB cap, ~7 min
+    python bench/gpu_memory_matrix.py --part fit24 --out gpu-fit24     # 19 jobs under a 24 GB cap, ~8 min
+    python bench/gpu_memory_matrix.py --part fit40 --out gpu-fit40     # 19 jobs under a 40 GB cap, ~9 min
     python bench/gpu_memory_matrix.py --part all --dry-run             # the jobs and predictions only, no torch
     python bench/gpu_memory_matrix.py --tiny --device cpu --limit 2 --out x   # a CPU smoke test
     python bench/gpu_memory_matrix.py --replan RESULTS.json ...         # saved results against today's planner
@@ -10,7 +10,7 @@
 
 No configuration starts after ``--budget-s`` (540 s): the rest are listed as
 not run, and ``--only NAME,NAME`` runs them in another invocation. With
-``--part all`` raise the budget (about 25 minutes in all).
+``--part all`` raise the budget (about 30 minutes in all).
 
 Method. Every configuration runs in its own subprocess (``--one CONFIG_JSON``),
 so each starts from a fresh CUDA context and an empty caching allocator, set

@@ -105,6 +105,7 @@ CHECKPOINTING_LOSS_HEADROOM = 0.10
 # allocator (767 MiB at the end less the 527 MiB context, every matrix run), and the
 # cuBLAS/cuBLASLt workspaces torch allocates at the first matmul, 64-70 MiB in tensors.
 CUDA_KERNELS_BYTES = 240 * 2**20
+CUBLAS_WORKSPACE_BYTES = 64 * 2**20
 # At a full card, expandable segments give back cached memory in whole pages of the
 # large pool (20 MiB), so the part-used pages at the edges of free blocks stay mapped.
 # Bisecting the allocator's cap (``bench/gpu_memory_matrix.py --slack``, H200,
@@ -112,13 +113,12 @@ CUDA_KERNELS_BYTES = 240 * 2**20
 # peak, in no order of size: d20 seq 2048 0.41 at b9 and 0.25 at b18, gpt2-124m b33
 # 0.29, gpt2-355m b26 0.31, llama-1b 0.22 at b15 and 0.63 at b45 (seq 1024); LoRA
 # 0.08 (llama-7b seq 512 b29); a step without checkpointing 0.05 (d12 seq 2048 b7),
-# within the runtime figure's margin. Taken as 3% of the loss buffers (1.5% for
-# LoRA), at most 0.5 GiB, no verdict at the measured boundaries is optimistic and one
-# is cautious (gpt2-124m b33 runs); llama-1b at b45 needs more than this gives and
-# was refused only because its margin was smaller still.
-CHECKPOINTING_CAP_SLACK = {False: 0.03, True: 0.015}
+# within the runtime figure's margin. With 3% of the loss buffers (1.5% for LoRA),
+# at most 0.5 GiB, no verdict at the measured boundaries is optimistic and one is
+# cautious (gpt2-124m b33 runs); llama-1b at b45 needs more than this gives and was
+# refused only because its margin was smaller still.
+CHECKPOINTING_CAP_SLACK = {False: 0.03, True: 0.015}  # share of the loss buffers, keyed by LoRA
 CHECKPOINTING_CAP_SLACK_MAX = 512 * 2**20
-CUBLAS_WORKSPACE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -234,13 +234,14 @@ class MemoryBreakdown:
     def required_bytes(self) -> int:
         """What the device must offer to run the job.
 
-        On CUDA the allocated peak and the runtime. The trainer runs CUDA's allocator
-        with expandable segments (``runner.trainer.allocator``): at the card's limit it
-        unmaps its cached pages and maps them again where the next request fits, so
-        the pool's fragmentation (``headroom_bytes``, what a roomy card shows) costs
-        nothing there but the part-used pages it cannot unmap (``cap_slack_bytes``). With fixed segments every capped run of 2026-11-24 that ran out
-        of memory did so in its second step, with 5-10% of the card free in pieces too
-        small for the next loss buffer. Elsewhere the peak.
+        On CUDA the allocated peak, the cap slack and the runtime. The trainer runs
+        CUDA's allocator with expandable segments (``runner.trainer.allocator``): at
+        the card's limit it unmaps its cached pages and maps them again where the next
+        request fits, so the pool's fragmentation (``headroom_bytes``, what a roomy
+        card shows) costs nothing there but the part-used pages it cannot unmap
+        (``cap_slack_bytes``). With fixed segments every capped run of 2026-11-24 that
+        ran out of memory did so in its second step, with 5-10% of the card free in
+        pieces too small for the next loss buffer. Elsewhere the peak.
         """
         if self.device != "cuda":
             return self.peak_bytes
