@@ -62,13 +62,15 @@ with ``Plan.fits``. Matrix runs get the same verdict against the whole 80 GB car
 
 Step time after a probe, as ``runner probe`` measures a host and
 ``runner.calibration`` plans from it: each matrix run also times steps at a
-quarter of its micro-batch (a probe's second run) and at half of it (a job the
-probe did not run), in the same process (a compiled model is compiled afresh
-for each, as a new process would). Its micro-batch and its quarter become two
-probe observations of the shape, trained its way (precision, LoRA,
-checkpointing, compiled or not); the planner, calibrated by the real
-``Calibration`` from all of them, predicts the half, out of sample, from a
-fixed cost per micro-batch and a token rate (target: within 15%). For
+quarter and at half of its micro-batch (a probe's later runs) and at three
+quarters of it (a job the probe did not run), in the same process (a compiled
+model is compiled afresh for each, as a new process would). Its micro-batch,
+its half and its quarter become three probe observations of the shape, trained
+its way (precision, LoRA, checkpointing, compiled or not); the planner,
+calibrated by the real ``Calibration`` from all of them, predicts the three
+quarters, out of sample (target: within 15%). Results saved before probes took
+three micro-batches re-plan as they were made: a probe at the micro-batch and
+its quarter, the half predicted. For
 comparison, ``step_nearest`` predicts it with the shape's own observations
 left out: from the nearest other shape trained the same way, scaled by FLOPs
 per token, where there is one. Fit runs are predicted the same way, unless
@@ -103,7 +105,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runner.calibration import Calibration, Observation  # noqa: E402
-from runner.capacity import SMALL_SHARE as PROBE_SHARE  # noqa: E402
+from runner.capacity import SMALLER_SHARES  # noqa: E402
 from runner.hosts import Host  # noqa: E402
 from runner.plan import Plan, plan_job  # noqa: E402
 from runner.plan.cost import executed_flops_per_token  # noqa: E402
@@ -141,7 +143,8 @@ class Config:
     warmup_steps: int = 3
     timed_steps: int = 5
     tiny: bool = False
-    extra_micro_batches: tuple[int, ...] = ()  # timed after the run: (a probe's quarter, a job's half)
+    extra_micro_batches: tuple[int, ...] = ()  # timed after the run: the probe's smaller ones, then the job's
+    job_micro_batch: int | None = None  # of those, the one predicted from the probe's (out of sample)
     shared_gpu: bool = False  # other processes use the GPU meanwhile (--shared-gpu)
 
     @property
@@ -180,14 +183,18 @@ def matrix() -> list[Config]:
         c("llama-1b", 512, 8, "fp16"),
         c("d20", 1024, 8, "fp32"),
     ]
-    return [replace(config, extra_micro_batches=extra_micro_batches(config.micro_batch)) for config in configs]
+    return [with_probe(config) for config in configs]
 
 
-def extra_micro_batches(micro_batch: int) -> tuple[int, ...]:
-    """A probe's second micro-batch (a quarter, as ``runner probe`` takes) and a job's between the two."""
-    quarter = max(1, micro_batch // PROBE_SHARE)
-    half = micro_batch // 2
-    return (quarter, half) if quarter < half < micro_batch else (quarter,) if quarter < micro_batch else ()
+def with_probe(config: Config) -> Config:
+    """The configuration timed, after its run, at a probe's smaller micro-batches (a quarter and a half, as
+    ``runner probe`` takes them), then at a job's between the probe's two largest (three quarters)."""
+    micro_batch = config.micro_batch
+    probe = sorted({max(1, micro_batch // share) for share in SMALLER_SHARES} - {micro_batch})
+    job = 3 * micro_batch // 4
+    if job in probe or not 1 <= job < micro_batch:
+        return replace(config, extra_micro_batches=tuple(probe))
+    return replace(config, extra_micro_batches=(*probe, job), job_micro_batch=job)
 
 
 def fit_bases(part: str) -> list[Config]:
@@ -274,7 +281,9 @@ def prediction(config: Config, plan: Plan) -> dict:
 def config_of(entry: dict) -> Config:
     """An entry's configuration (results saved before a field was dropped still load)."""
     fields = {k: v for k, v in entry["config"].items() if k in Config.__dataclass_fields__}
-    fields["extra_micro_batches"] = tuple(fields.get("extra_micro_batches", ()))
+    extra = fields["extra_micro_batches"] = tuple(fields.get("extra_micro_batches", ()))
+    if "job_micro_batch" not in fields and len(extra) > 1:  # saved when a probe took a quarter and a job the half
+        fields["job_micro_batch"] = extra[1]
     return Config(**fields)
 
 
@@ -589,7 +598,7 @@ def observation(config: Config, micro_batch: int, step_s: float) -> Observation:
 
 
 def probe_observations(entries: list[dict]) -> list[Observation]:
-    """What ``runner probe`` records for each matrix configuration: its micro-batch and a quarter of it."""
+    """What ``runner probe`` records for each matrix configuration: its micro-batch and the smaller ones."""
     out = []
     for e in entries:
         m = e["measured"]
@@ -597,9 +606,8 @@ def probe_observations(entries: list[dict]) -> list[Observation]:
             continue
         config = config_of(e)
         out.append(observation(config, config.micro_batch, m["mean_step_s"]))
-        if m.get("extra"):
-            quarter = m["extra"][0]
-            out.append(observation(config, quarter["micro_batch"], quarter["mean_step_s"]))
+        out += [observation(config, extra["micro_batch"], extra["mean_step_s"])
+                for extra in m.get("extra", []) if extra["micro_batch"] != config.job_micro_batch]
     return out
 
 
@@ -610,14 +618,14 @@ def predicted_step_s(config: Config, observations: list[Observation]) -> tuple[f
 
 
 def calibrate(entries: list[dict]) -> None:
-    """Predict each step time not probed from the probes: a matrix run's half micro-batch, a fit run's own."""
+    """Predict each step time not probed from the probes: a matrix run's job micro-batch, a fit run's own."""
     probes = probe_observations(entries)
     for e in entries:
         m, config = e["measured"], config_of(e)
         if not timed_on_gpu(m):
             continue
         if e["part"] == "matrix":
-            job = m.get("extra", [])[1:]
+            job = [extra for extra in m.get("extra", []) if extra["micro_batch"] == config.job_micro_batch]
             if not job:
                 continue
             config, measured_s = replace(config, micro_batch=job[0]["micro_batch"]), job[0]["mean_step_s"]
@@ -668,7 +676,7 @@ def fmt(value: float | None, spec: str, width: int = 0) -> str:
 
 
 def table(entries: list[dict]) -> str:
-    """One row per run; the step columns are the step predicted from the probes (a matrix run's half micro-batch)."""
+    """One row per run; the step columns are the step predicted from the probes (a matrix run's job micro-batch)."""
     head = (f"{'config':58} {'peak GiB':>8} {'pred':>6} {'err%':>6} {'at mb':>5} {'step ms':>8} {'pred ms':>8} "
             f"{'err%':>6} {'near%':>6}  verdict")
     lines = [head, "-" * len(head)]
@@ -761,6 +769,9 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=240, help="per configuration")
     parser.add_argument("--budget-s", type=float, default=540,
                         help="start no configuration after this many seconds; the rest are reported as not run")
+    parser.add_argument("--timed-steps", type=int, metavar="N",
+                        help="time N steps (the smaller micro-batches N/2 + 1) instead of each configuration's own: "
+                             "for a step whose time varies from one to the next")
     parser.add_argument("--dry-run", action="store_true", help="print the configurations and predictions only")
     parser.add_argument("--shared-gpu", action="store_true",
                         help="another process trains on this GPU meanwhile: memory verdicts hold, step times are not used")
@@ -785,7 +796,8 @@ def main() -> None:
     parts = ["matrix", "fit24", "fit40"] if args.part == "all" else [args.part]
     planned: list[tuple[str, Config]] = []
     for part in parts:
-        chosen = [replace(c, shared_gpu=args.shared_gpu) for c in configs_for(part, args.tiny)]
+        chosen = [replace(c, shared_gpu=args.shared_gpu, timed_steps=args.timed_steps or c.timed_steps)
+                  for c in configs_for(part, args.tiny)]
         if args.only:
             wanted = set(args.only.split(","))
             chosen = [c for c in chosen if c.name in wanted]

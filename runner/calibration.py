@@ -15,15 +15,18 @@ precision:
    ratio of FLOPs per token (a model twice as costly per token trains half as
    many tokens per second), its fixed cost per micro-batch (below) as measured.
 
-Measured at two or more micro-batches (a probe measures two), the speed is a
+Measured at two or more micro-batches, the speed is a
 fixed cost per micro-batch plus a token rate, fitted to the median of the
 newest at each micro-batch (``runner.plan.cost.fit_micro_batch_time``): a step
 at a small micro-batch is mostly fixed cost, so a rate measured at one
 micro-batch does not hold at another. Where the smaller micro-batch took no
 less time, the host set the pace: a micro-batch takes the faster time up to the
-largest measured, and grows in proportion beyond (``host_bound_time``). At one
-micro-batch, or where the fit makes no sense (a negative fixed cost), the time
-is proportional to the tokens.
+largest measured, and grows in proportion beyond (``host_bound_time``). Where,
+of three or more (a probe measures three), the smallest took clearly longer than
+the line through the larger ones says, the host set the pace below a knee: the
+line, never less than that time (``knee_time``). At one micro-batch, or where
+the fit makes no sense (a negative fixed cost), the time is proportional to the
+tokens.
 
 The answer carries the words the plan shows (``calibrated from 3 runs on
 a100-1``, ``... at 2 micro-batches``), the peak memory measured for an exact
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from runner.plan.cost import Measured, fit_micro_batch_time, host_bound_time
+from runner.plan.cost import Measured, fit_micro_batch_time, host_bound_time, knee_time
 from runner.presets import ModelShape
 from runner.units import format_count
 
@@ -197,6 +200,12 @@ def _speed(observations: Sequence[Observation]) -> _Speed:
         chosen += newest
     chosen.sort(key=lambda o: o.at)
     at = f" at {len(points)} micro-batches"
+    knee = knee_time(points)
+    if knee is not None:
+        floor_s, micro_batch_s, rate = knee
+        said = (f"{at} (bound by the host below a knee: at least {floor_s * 1000:.0f} ms per micro-batch, "
+                f"then {micro_batch_s * 1000:.0f} ms fixed per micro-batch)")
+        return _Speed(chosen, rate, micro_batch_s, said, floor_s)
     fit = fit_micro_batch_time(points)
     if fit is None:
         flat = host_bound_time(points)

@@ -5,9 +5,10 @@ the host through the same dispatch path as ``runner run`` (so the runs are in
 the run store too), and records tokens/s (after the first logged steps, which
 hold compilation and start-up), step time, peak memory and stability in the
 ``probes`` table beside the runs, with the host, profile, software and date.
-Each shape runs twice: at the micro-batch a job would use, then at a quarter of
-it, so that the calibration can tell the fixed cost of a micro-batch from the
-cost of its tokens. ``capacity(results, hours)`` turns probe results (those at
+Each shape runs three times: at the micro-batch a job would use, then at half
+and at a quarter of it, so that the calibration can tell the fixed cost of a
+micro-batch from the cost of its tokens, and a host that sets the pace of the
+smaller steps from the GPU. ``capacity(results, hours)`` turns probe results (those at
 the micro-batch a job would use) into the capacity table: tokens reachable in
 ``hours`` per configuration, which fit, and a recommended primary and fallback
 configuration.
@@ -45,7 +46,9 @@ if TYPE_CHECKING:
 
 TOKENS_PER_PARAM = 20  # compute-optimal training tokens per parameter (Chinchilla)
 DEFAULT_STEPS = 30
-SMALL_SHARE = 4  # the second run of a shape takes a quarter of the micro-batch: mostly fixed cost, clearly apart
+# The later runs of a shape take a half and a quarter of the micro-batch: three points show a knee where the
+# host, not the GPU, sets the pace of the smaller steps, which two cannot (runner.plan.cost.knee_time).
+SMALLER_SHARES = (2, 4)
 Outcome = Literal["ok", "oom", "diverged", "error", "refused"]
 
 SCHEMA = """
@@ -235,9 +238,10 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
           say: Callable[[str], None] = print) -> list[ProbeResult]:
     """Probe each (model, seq_len) on ``host``, record every run, and return one result per shape.
 
-    A shape runs two thirds of ``steps`` at ``batch_size`` (the largest that fits
-    for ``auto``) and, when that ran cleanly, the other third at a quarter of that
-    micro-batch: about the time of one run of ``steps``, plus a second start-up.
+    A shape runs half of ``steps`` at ``batch_size`` (the largest that fits for
+    ``auto``) and, when that ran cleanly, a quarter at half of that micro-batch
+    and a quarter at a quarter of it: about the time of one run of ``steps``, plus
+    two more start-ups.
     The result returned is the first run's, the micro-batch a job would use.
     """
     from runner import dispatch
@@ -270,21 +274,25 @@ def probe(store: Store, host: str, models: Sequence[str], seq_lens: Sequence[int
     for model in models:
         for seq_len in seq_lens:
             name = f"probe-{model}-s{seq_len}"
-            out.append(_at_two_micro_batches(
+            out.append(_at_three_micro_batches(
                 lambda n, mb: run(model, seq_len, n, mb if mb is not None else batch_size,
                                   name if mb is None else f"{name}-b{mb}"), steps)[0])
     return out
 
 
-def _at_two_micro_batches(run: Callable[[int, int | None], ProbeResult], steps: int) -> list[ProbeResult]:
-    """Two thirds of ``steps`` at the micro-batch a job would use (``None``), then, if that ran cleanly,
-    the rest at a quarter of it: how a step's time grows with its tokens, for the calibration."""
-    small_steps = steps // 3
-    first = run(steps - small_steps, None)
-    small = max(1, first.micro_batch // SMALL_SHARE)
-    if first.stable and small_steps and small < first.micro_batch:
-        return [first, run(small_steps, small)]
-    return [first]
+def _at_three_micro_batches(run: Callable[[int, int | None], ProbeResult], steps: int) -> list[ProbeResult]:
+    """Half of ``steps`` at the micro-batch a job would use (``None``), then, if that ran cleanly, a quarter
+    at half of it and a quarter at a quarter of it: how a step's time grows with its tokens, for the calibration."""
+    small_steps = steps // 4
+    first = run(steps - len(SMALLER_SHARES) * small_steps, None)
+    out = [first]
+    if not (first.stable and small_steps):
+        return out
+    for share in SMALLER_SHARES:
+        small = max(1, first.micro_batch // share)
+        if small < out[-1].micro_batch:
+            out.append(run(small_steps, small))
+    return out
 
 
 def probe_experiment(store: Store, host: str, job_file: Path, *, experiment: str | None = None,
@@ -295,8 +303,8 @@ def probe_experiment(store: Store, host: str, job_file: Path, *, experiment: str
     ``runner probe`` measures preset shapes the default way; a job trained
     another way (LoRA, checkpointing, compile off, another precision) is not
     calibrated by them, since each is a different speed. This runs the job's
-    own configuration for two thirds of ``steps`` at its micro-batch and the
-    rest at a quarter of it, without evals, so its plan is calibrated as a
+    own configuration for half of ``steps`` at its micro-batch and the rest at
+    half and a quarter of it, without evals, so its plan is calibrated as a
     probed shape's is. The results, the job's micro-batch first.
     """
     from runner.calibration import experiment_shape
@@ -325,7 +333,7 @@ def probe_experiment(store: Store, host: str, job_file: Path, *, experiment: str
                           steps=run_steps, hw=hw, backend=backend, inventory=inventory, say=say,
                           experiment=job.name, sets=run_sets)
 
-    return _at_two_micro_batches(run, steps)
+    return _at_three_micro_batches(run, steps)
 
 
 def _probe_one(store: Store, job_file: Path, host: str, *, label: str, shape: ModelShape, seq_len: int, steps: int,

@@ -666,7 +666,8 @@ def compare(args: argparse.Namespace) -> int:
          arg("--models", metavar="NAME,NAME", help="model presets to probe instead of depths, e.g. tiny,d12"),
          arg("--seq", default="512,1024,2048", metavar="N,N", help="sequence lengths to probe"),
          arg("--steps", type=int, default=30, metavar="N",
-             help="training steps per shape (default 30): two thirds at the micro-batch, a third at a quarter of it"),
+             help="training steps per shape (default 30): half at the micro-batch, a quarter at half of it, "
+                  "a quarter at a quarter of it"),
          arg("--hours", default="24", metavar="HOURS", help="the time the capacity table is for (24, 90m, 2d)"),
          arg("--batch-size", default="auto", metavar="N", help="micro-batch per probe (default: the largest that fits)"),
          arg("--backend", choices=["docker", "native"], help="force a backend (default: from the host's profile)"),
@@ -720,7 +721,7 @@ def probe(args: argparse.Namespace) -> int:
 
 
 def probe_job(args: argparse.Namespace) -> int:
-    """`runner probe HOST --job FILE`: the job's own configuration at two micro-batches, then its plan there."""
+    """`runner probe HOST --job FILE`: the job's own configuration at three micro-batches, then its plan there."""
     from runner import capacity
     from runner.calibration import Calibration
     from runner.hosts import load_inventory

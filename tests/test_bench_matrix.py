@@ -38,9 +38,13 @@ def test_the_matrix_spans_the_models_lengths_and_switches_the_issue_asks_for():
     assert {True, False} == {c.checkpointing for c in configs} == {c.compile for c in configs}
     assert all(c.lora and c.precision == "fp16" for c in configs if c.model == "llama-7b")
     assert len({c.micro_batch for c in configs}) >= 3
-    # Each is probed as `runner probe` does, at its micro-batch and a quarter, and a job between is timed too.
+    # Each is probed as `runner probe` does, at its micro-batch, a quarter and a half, and a job between is timed too.
     for c in configs:
-        assert c.extra_micro_batches == ((c.micro_batch // 4, c.micro_batch // 2) if c.micro_batch >= 4 else (1,))
+        mb = c.micro_batch
+        if mb >= 4:
+            assert c.extra_micro_batches == (mb // 4, mb // 2, 3 * mb // 4) and c.job_micro_batch == 3 * mb // 4
+        else:
+            assert c.extra_micro_batches == (1,) and c.job_micro_batch is None
 
 
 def test_every_matrix_configuration_is_predicted_to_fit_the_80gb_card_within_the_models_context():
@@ -93,10 +97,10 @@ def ran(config, part="matrix", shared_gpu=False):
     return bench.record(part, config, measured)
 
 
-def test_the_planner_calibrated_by_each_runs_two_probe_points_predicts_the_micro_batch_between_out_of_sample():
-    matrix = [bench.Config("gpt2-355m", 1024, 16, "bf16", extra_micro_batches=(4, 8)),
-              bench.Config("gpt2-124m", 1024, 16, "bf16", compile=True, extra_micro_batches=(4, 8)),
-              bench.Config("gpt2-124m", 1024, 16, "bf16", extra_micro_batches=(4, 8))]
+def test_the_planner_calibrated_by_each_runs_three_probe_points_predicts_the_micro_batch_between_out_of_sample():
+    matrix = [bench.with_probe(bench.Config("gpt2-355m", 1024, 16, "bf16")),
+              bench.with_probe(bench.Config("gpt2-124m", 1024, 16, "bf16", compile=True)),
+              bench.with_probe(bench.Config("gpt2-124m", 1024, 16, "bf16"))]
     same_way = bench.Config("gpt2-355m", 1024, 23, "bf16", profile="rtx-4090")
     elsewhere = bench.Config("gpt2-355m", 1024, 23, "bf16", profile="rtx-4090")
     untried = bench.Config("gpt2-355m", 1024, 12, "bf16", checkpointing=True, profile="rtx-4090")
@@ -104,9 +108,9 @@ def test_the_planner_calibrated_by_each_runs_two_probe_points_predicts_the_micro
                                           ran(untried, "fit24")]
     bench.calibrate(entries)
     for e in entries[:4]:
-        assert e["predicted_probed"]["source"].endswith("at 2 micro-batches (20 ms fixed per micro-batch)")
+        assert e["predicted_probed"]["source"].endswith("at 3 micro-batches (20 ms fixed per micro-batch)")
         assert e["error_pct"]["step_probed"] == pytest.approx(0, abs=1e-6)
-    assert [e["predicted_probed"]["micro_batch"] for e in entries[:4]] == [8, 8, 8, 23]
+    assert [e["predicted_probed"]["micro_batch"] for e in entries[:4]] == [12, 12, 12, 23]
     # With its own shape left out, gpt2-355m is scaled from gpt2-124m trained the same way (not compiled).
     assert "nearest shape" in entries[0]["predicted_probed"]["nearest_source"]
     assert entries[1]["error_pct"]["step_nearest"] is None  # no other compiled shape was probed
@@ -114,6 +118,27 @@ def test_the_planner_calibrated_by_each_runs_two_probe_points_predicts_the_micro
     assert "predicted_probed" not in entries[4] and "predicted_probed" not in entries[5]
     summary = bench.summarize(entries)
     assert summary["step_within_15pct"] == summary["step_compared"] == 4
+
+
+def test_a_step_on_a_floor_below_a_knee_is_predicted_from_three_probe_points():
+    # Like llama-1b with checkpointing on an H200: the host sets the pace up to about micro-batch 8.
+    config = bench.with_probe(bench.Config("llama-1b", 1024, 16, "bf16", checkpointing=True))
+    step = {4: 0.204, 8: 0.206, 12: 0.285, 16: 0.363}
+    entry = bench.record("matrix", config, {
+        "status": "ok", "device": "cuda", "peak_bytes": 1, "mean_step_s": step[16], "shared_gpu": False,
+        "extra": [{"micro_batch": mb, "mean_step_s": step[mb]} for mb in config.extra_micro_batches]})
+    bench.calibrate([entry])
+    assert entry["predicted_probed"]["micro_batch"] == 12 and "knee" in entry["predicted_probed"]["source"]
+    assert entry["error_pct"]["step_probed"] == pytest.approx(-0.1, abs=0.1)
+
+
+def test_results_saved_when_a_probe_took_two_micro_batches_replan_as_they_were_made():
+    config = bench.Config("gpt2-124m", 1024, 16, "bf16", extra_micro_batches=(4, 8))
+    entry = ran(config)
+    del entry["config"]["job_micro_batch"]  # not a field then: the half was the job
+    bench.calibrate([entry])
+    assert entry["predicted_probed"]["micro_batch"] == 8
+    assert entry["predicted_probed"]["source"].endswith("at 2 micro-batches (20 ms fixed per micro-batch)")
 
 
 @pytest.mark.slow

@@ -176,6 +176,31 @@ def test_a_step_that_does_not_shrink_with_the_micro_batch_is_host_bound_up_to_th
                         "(bound by the host: 110 ms per micro-batch up to micro-batch 8)")
 
 
+def test_three_micro_batches_show_a_knee_below_which_the_host_sets_the_pace():
+    # llama-1b with checkpointing at seq 1024 on an H200: 204, 206 and 363 ms at micro-batches 3, 7 and 14.
+    times = {3: 0.2039, 7: 0.2055, 14: 0.3628}
+    cal = Calibration(tuple(at_batch(mb, mb * 1024 / s, at=i) for i, (mb, s) in enumerate(times.items())))
+    m = cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16")
+    for mb, seconds in times.items():  # through all three: the line through all would miss 7 by 27%
+        assert m.seconds(mb * 1024, 1) == pytest.approx(seconds, rel=1e-6)
+    assert m.seconds(5 * 1024, 1) == pytest.approx(0.2039)  # on the floor
+    assert m.seconds(10 * 1024, 1) == pytest.approx(0.2055 + 3 / 7 * (0.3628 - 0.2055))  # on the line
+    assert m.seconds(28 * 1024, 1) == pytest.approx(0.2055 + 3 * (0.3628 - 0.2055))  # and beyond it
+    assert m.seconds(3 * 1024 * 10, 10) == pytest.approx(10 * 0.2039)
+    assert m.source == ("calibrated from 3 runs on a100-1 at 3 micro-batches (bound by the host below a knee: "
+                        "at least 204 ms per micro-batch, then 48 ms fixed per micro-batch)")
+
+
+def test_three_micro_batches_on_a_line_within_noise_are_fitted_as_a_line():
+    truth = dict(fixed_s=0.05, tokens_per_s=100_000)
+    wobbles = {4: 1.03, 8: 0.98, 16: 1.01}  # the smallest 3% slow: noise, not a floor
+    cal = Calibration(tuple(at_batch(mb, affine_rate(mb, 1024, **truth) / w, at=mb) for mb, w in wobbles.items()))
+    m = cal.measured("a100-1", "a100-80gb", D12, 1024, "bf16")
+    assert m.floor_s == 0 and m.micro_batch_s == pytest.approx(0.05, rel=0.2)
+    assert m.source.startswith("calibrated from 3 runs on a100-1 at 3 micro-batches (")
+    assert "ms fixed per micro-batch)" in m.source and "knee" not in m.source
+
+
 def test_the_newest_at_each_micro_batch_are_fitted_so_an_old_small_batch_still_counts():
     truth = dict(fixed_s=0.05, tokens_per_s=100_000)
     small = [at_batch(2, affine_rate(2, 1024, **truth), at=0)]

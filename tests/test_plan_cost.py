@@ -6,7 +6,8 @@ import pytest
 
 from runner.hosts import Host, Inventory
 from runner.plan import Measured, plan_hosts, plan_job, resolve
-from runner.plan.cost import estimate_cost, executed_flops_per_token, fit_micro_batch_time, flops_per_token
+from runner.plan.cost import (estimate_cost, executed_flops_per_token, fit_micro_batch_time, flops_per_token,
+                              knee_time)
 from runner.presets import PRESETS
 from runner.spec import load_jobs
 
@@ -117,6 +118,18 @@ def test_the_micro_batch_fit_is_a_line_through_the_points_and_refuses_one_that_m
     assert fit_micro_batch_time([(1000, 0.2), (1000, 0.25)]) is None
     assert fit_micro_batch_time([(1000, 0.1), (4000, 0.5)]) is None  # a negative fixed cost
     assert fit_micro_batch_time([(1000, 0.3), (4000, 0.2)]) is None  # more tokens in less time
+
+
+def test_a_knee_is_a_floor_under_the_smaller_micro_batches_and_a_line_through_the_larger():
+    floor_s, fixed_s, rate = knee_time([(7000, 0.206), (3000, 0.204), (14000, 0.363)])
+    assert floor_s == 0.204 and rate == pytest.approx(7000 / 0.157) and fixed_s == pytest.approx(0.049)
+    # Of four, the knee that fits best: two on the floor, two on the line.
+    four = knee_time([(1000, 0.2), (2000, 0.2), (4000, 0.3), (8000, 0.5)])
+    assert four == pytest.approx((0.2, 0.1, 20_000))
+    assert knee_time([(3000, 0.204), (14000, 0.363)]) is None  # two points: a line or a floor, not both
+    assert knee_time([(1000, 0.2), (2000, 0.3), (4000, 0.5)]) is None  # on the line
+    assert knee_time([(1000, 0.2 * 1.04), (2000, 0.3), (4000, 0.5)]) is None  # above it by noise alone
+    assert knee_time([(1000, 0.2), (2000, 0.21), (4000, 0.2)]) is None  # no line at the top: host-bound throughout
 
 
 def test_resolve_gives_the_trainer_every_decision():

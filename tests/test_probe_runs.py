@@ -124,9 +124,9 @@ def test_after_one_probe_the_plan_and_the_run_use_the_probed_rate_and_compare_le
     sets = [f"budget.tokens={tokens}"]
     job = load_jobs(QUICKSTART, sets)[0]
     plan = plan_job(job, "local", inventory=inventory, throughput=Calibration.from_store(store))
-    # The probe ran at micro-batch 16 and at 4: the plan fits a fixed cost per micro-batch, or says it found none.
-    assert plan.throughput_source.startswith("calibrated from 2 probes on local at 2 micro-batches (")
-    assert [r.micro_batch for r in capacity.results(store, "local")] == [16, 4]
+    # The probe ran at micro-batch 16, 8 and 4: the plan fits a fixed cost per micro-batch, or says it found none.
+    assert plan.throughput_source.startswith("calibrated from 3 probes on local at 3 micro-batches (")
+    assert [r.micro_batch for r in capacity.results(store, "local")] == [16, 8, 4]
     assert plan.seconds != uncalibrated.seconds * tokens / uncalibrated.tokens
 
     run = run_job(store, "local", inventory, "native", sets)
@@ -138,16 +138,16 @@ def test_after_one_probe_the_plan_and_the_run_use_the_probed_rate_and_compare_le
 def test_a_job_probed_as_written_calibrates_that_job_and_not_one_trained_another_way(store, capsys):
     inventory = Inventory({"local": Host(name="local", kind="local", profile="cpu")}, None)
     checkpointed = ["train.gradient_checkpointing=true"]
-    assert main(["probe", "local", "--job", str(QUICKSTART), "--set", checkpointed[0], "--steps", "6",
+    assert main(["probe", "local", "--job", str(QUICKSTART), "--set", checkpointed[0], "--steps", "8",
                  "--backend", "native"]) == 0
     said = capsys.readouterr()
     assert [(r.model, r.micro_batch, r.outcome) for r in capacity.results(store, "local")] == [
-        ("quickstart", 16, "ok"), ("quickstart", 4, "ok")]
-    assert "quickstart on local: " in said.out and "calibrated from 2 probes on local at 2 micro-batches" in said.out
+        ("quickstart", 16, "ok"), ("quickstart", 8, "ok"), ("quickstart", 4, "ok")]
+    assert "quickstart on local: " in said.out and "calibrated from 3 probes on local at 3 micro-batches" in said.out
 
     calibration = Calibration.from_store(store)
     probed = plan_job(load_jobs(QUICKSTART, checkpointed)[0], "local", inventory=inventory, throughput=calibration)
-    assert probed.throughput_source.startswith("calibrated from 2 probes on local at 2 micro-batches")
+    assert probed.throughput_source.startswith("calibrated from 3 probes on local at 3 micro-batches")
     # Without checkpointing the job is another speed: the probe does not stand for it.
     plain = plan_job(load_jobs(QUICKSTART)[0], "local", inventory=inventory, throughput=calibration)
     assert plain.throughput_source.startswith("catalog default")
