@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128, help="sequence length of the probe and the job")
     parser.add_argument("--batch", type=int, default=16, help="micro-batch of the probe and the job")
     parser.add_argument("--job-batch", type=int, help="micro-batch of the job, when not the probe's: "
-                        "checks the fixed cost per micro-batch that the probe's second, smaller run measures")
+                        "checks the fixed cost per micro-batch that the probe's smaller runs measure")
     parser.add_argument("--probe-steps", type=int, default=40, help="steps of each probe")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                         help="another override of the job (not the probe), as `runner run --set`")
