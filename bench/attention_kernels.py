@@ -6,7 +6,8 @@ flash, memory-efficient) and through compiled flex attention, with q, k and v
 laid out as transformers' GPT-2 hands them over (batch, seq, heads, head
 contiguous, seen through a transpose) and contiguous per head. Then cuDNN with
 q, k and v as slices of one fused projection's output, as GPT-2 makes them,
-where autograd also assembles the fused gradient. CUDA events around 20 calls
+where autograd also assembles the fused gradient, and with the output's
+gradient laid out as GPT-2 returns it too. CUDA events around 20 calls
 back to back, the median of 5 such, after 10 calls; TFLOP/s count causal
 attention only (2·b·h·T²·d forward, 2.5 times that backward). Needs a CUDA GPU; prints a table.
 
@@ -58,10 +59,15 @@ def fused(batch: int) -> Callable[[], list[torch.Tensor]]:
     return lambda: [t.view(batch, SEQ, HEADS, HEAD).transpose(1, 2) for t in qkv.split(WIDTH, dim=2)]
 
 
-def timed(attend: Callable, inputs: Callable[[], list[torch.Tensor]], batch: int) -> tuple[float, float]:
+def timed(attend: Callable, inputs: Callable[[], list[torch.Tensor]], batch: int,
+          gpt2_grad: bool = False) -> tuple[float, float]:
     """Forward and backward milliseconds of one call: the median of 5 timings of 20 calls back to back
-    (one call alone is too short to time: the host's launch would count)."""
-    grad = torch.randn(batch, HEADS, SEQ, HEAD, device="cuda", dtype=torch.bfloat16)
+    (one call alone is too short to time: the host's launch would count). The output's gradient is
+    contiguous per head, or (``gpt2_grad``) laid out as GPT-2's merge of the heads returns it."""
+    if gpt2_grad:
+        grad = torch.randn(batch, SEQ, HEADS, HEAD, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    else:
+        grad = torch.randn(batch, HEADS, SEQ, HEAD, device="cuda", dtype=torch.bfloat16)
     for _ in range(10):
         attend(*inputs()).backward(grad)
 
@@ -91,6 +97,7 @@ def main() -> None:
     runs = [("cuDNN", lambda: sdpa(SDPBackend.CUDNN_ATTENTION), lambda: separate(batch, False)),
             ("cuDNN, contiguous", lambda: sdpa(SDPBackend.CUDNN_ATTENTION), lambda: separate(batch, True)),
             ("cuDNN, fused qkv slices", lambda: sdpa(SDPBackend.CUDNN_ATTENTION), lambda: fused(batch)),
+            ("cuDNN, as in GPT-2", lambda: sdpa(SDPBackend.CUDNN_ATTENTION), lambda: fused(batch), True),
             ("flash", lambda: sdpa(SDPBackend.FLASH_ATTENTION), lambda: separate(batch, False)),
             ("memory-efficient", lambda: sdpa(SDPBackend.EFFICIENT_ATTENTION), lambda: separate(batch, False)),
             ("flex, compiled", flex, lambda: separate(batch, False)),
@@ -98,9 +105,9 @@ def main() -> None:
     print(f"batch {batch}, {HEADS} heads of {HEAD}, seq {SEQ}, bf16, causal; torch {torch.__version__}, "
           f"cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}")
     print(f"{'kernel':28s} {'fwd ms':>7s} {'bwd ms':>7s} {'fwd TF/s':>9s} {'bwd TF/s':>9s} {'12 layers ms':>13s}")
-    for name, attend, inputs in runs:
+    for name, attend, inputs, *gpt2_grad in runs:
         try:
-            f, b = timed(attend(), inputs(), batch)
+            f, b = timed(attend(), inputs(), batch, *gpt2_grad)
         except (RuntimeError, NotImplementedError) as exc:  # a backend that refuses the shape or the card
             print(f"{name:28s} {str(exc).splitlines()[0][:80]}")
             continue
