@@ -770,8 +770,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540,
                         help="start no configuration after this many seconds; the rest are reported as not run")
     parser.add_argument("--timed-steps", type=int, metavar="N",
-                        help="time N steps (the smaller micro-batches N/2 + 1, at least 3) instead of each configuration's own: "
-                             "for a step whose time varies from one to the next")
+                        help="time N steps (the smaller micro-batches N/2 + 1, at least 3) instead of each "
+                             "configuration's own: for a step whose time varies from one to the next")
     parser.add_argument("--dry-run", action="store_true", help="print the configurations and predictions only")
     parser.add_argument("--shared-gpu", action="store_true",
                         help="another process trains on this GPU meanwhile: memory verdicts hold, step times are not used")
