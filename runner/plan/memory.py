@@ -76,15 +76,17 @@ _ACTIVATION: dict[tuple[str, str], tuple[float, float, float]] = {
     ("gpt2", "fp32"): (32, 0, 20),
     ("gpt2", "compiled"): (21, 0, 4),
 }
-# Loss buffers per token per vocabulary entry at their peak, at the start of backward,
-# keyed by (autocast, compiled): eager cross-entropy holds the fp32 log-softmax
-# output while its incoming and outgoing fp32 gradients exist (12 B; the bf16 logits
-# and their fp32 copy are freed after forward). Fitted: 11.9-12.0 B from gpt2-124m and
-# gpt2-355m with and without checkpointing (bf16, fp16) and d20 with checkpointing,
-# where the loss alone sets the peak. Under torch.compile the loss is fused and its
-# backward reuses the logits' buffer: the bf16 logits alone, 2 B, at the peak (the
-# memory history of d20). fp32 under compile is not measured: 4 B, the same tensor.
-_LOGITS_BYTES = {(True, False): 12, (False, False): 12, (True, True): 2, (False, True): 4}
+# The loss. Eager jobs run the LM head and the cross-entropy a chunk of tokens at a
+# time (``runner.trainer.loss``): a chunk's fp32 logits take at most
+# CHUNK_LOGITS_BYTES, and the hidden states' and the head's gradients are computed on
+# the way and kept until backward (``chunked_loss_bytes``). Before, an eager loss held
+# 12 B per token per vocabulary entry at the start of backward (the fp32 log-softmax
+# and its incoming and outgoing gradients; 11.9-12.0 B measured on gpt2-124m,
+# gpt2-355m and d20). Under torch.compile the loss is fused and its backward reuses
+# the logits' buffer: the bf16 logits alone at the peak, 2 B (the memory history of
+# d20); fp32 under compile is not measured: 4 B, the same tensor.
+CHUNK_LOGITS_BYTES = 256 * 2**20
+_COMPILED_LOGITS_BYTES = {True: 2, False: 4}  # keyed by autocast
 _OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 4}
 # torch's foreach AdamW (CPU, MPS) builds one fp32 temporary the size of the parameters
 # (sqrt of the second moment) while it steps; the fused CUDA kernel builds none.
@@ -98,7 +100,15 @@ _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 # the recomputation and backward and not reused whole: 1.13 and 1.22 for GPT-2 (whose
 # loss dominates), 1.04-1.09 where it does not; 10% of the loss buffers on top covers both.
 ALLOCATOR_HEADROOM = 0.05
-RECOMPUTED_LAYER_PEAK = 4  # layers' worth of saved activations while one recomputed layer runs backward
+# A checkpointed layer's backward: its recomputed activations, the temporaries of its
+# backward as a share of them, and per parameter of the layer its gradient and the casts
+# of its weights. Fitted on an H200, 2026-12-01, with the chunked loss, to 24 checkpointed
+# runs of the matrix and the fit parts (micro-batch 4 to 147, seq 512 to 2048): no run
+# above its prediction by more than 0.02 GiB, none below by more than 0.06 (GPT-2, LoRA)
+# or 0.2 GiB (llama-1b). GPT-2's GELU is a python formula with temporaries of the MLP's
+# width; LLaMA's SiLU is one op.
+RECOMPUTE_TEMPORARIES = {"gpt2": 0.36, "llama": 0.01, "half-base": 0.25}
+RECOMPUTE_BYTES_PER_LAYER_PARAM = {"gpt2": 12, "llama": 9, "half-base": 1}
 CHECKPOINTING_LOSS_HEADROOM = 0.10
 # Taken on CUDA beyond the catalog's context figure (measured right after the context is
 # made): kernels loaded lazily by the first training step, 240 MiB outside torch's
@@ -107,18 +117,19 @@ CHECKPOINTING_LOSS_HEADROOM = 0.10
 CUDA_KERNELS_BYTES = 240 * 2**20
 CUBLAS_WORKSPACE_BYTES = 64 * 2**20
 # At a full card, expandable segments give back cached memory in whole pages of the
-# large pool (20 MiB), so the part-used pages at the edges of free blocks stay mapped.
-# Bisecting the allocator's cap (``bench/gpu_memory_matrix.py --slack``, H200,
-# 2026-12-01), checkpointed full fine-tunes needed 0.22-0.64 GiB above their allocated
-# peak, in no order of size: d20 seq 2048 0.41 at b9 and 0.25 at b18, gpt2-124m b33
-# 0.29, gpt2-355m b26 0.31, llama-1b 0.22 at b15 and 0.63 at b45 (seq 1024); LoRA
-# 0.08 (llama-7b seq 512 b29); a step without checkpointing 0.05 (d12 seq 2048 b7),
-# within the runtime figure's margin. With 3% of the loss buffers (1.5% for LoRA),
-# at most 0.5 GiB, no verdict at the measured boundaries is optimistic and one is
-# cautious (gpt2-124m b33 runs); llama-1b at b45 needs more than this gives and was
-# refused only because its margin was smaller still.
-CHECKPOINTING_CAP_SLACK = {False: 0.03, True: 0.015}  # share of the loss buffers, keyed by LoRA
-CHECKPOINTING_CAP_SLACK_MAX = 512 * 2**20
+# large pool (20 MiB), so the part-used pages around free blocks stay mapped: a
+# checkpointed job needs room above its allocated peak for them. With the chunked loss
+# (H200, 2026-12-01, allocator capped at 24 GB and 40 GB), checkpointed jobs at their
+# boundaries ran out of memory with up to 0.16 GiB of room above their predicted peak
+# (llama-1b), GPT-2 with up to 0.19 (gpt2-124m b162, asking for one 1.9 GiB fp32 tensor
+# of the MLP's width: its GELU is a python formula whose fp32 temporaries come and go),
+# and ran with 0.08-0.29 (d20 with 0.08). The planner asks 64 MiB, 3% of the gradients
+# (filled in layer by layer between freed activations) and, for GPT-2, 15% of one fp32
+# tensor of the MLP's width. Without checkpointing the measured need was 0.05 GiB,
+# inside the runtime figure's margin.
+CHECKPOINTING_CAP_SLACK_BYTES = 64 * 2**20
+CHECKPOINTING_CAP_SLACK_GRADIENTS = 0.03
+CHECKPOINTING_CAP_SLACK_GPT2_MLP = 0.15
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,10 @@ class MemoryBreakdown:
     grad_accum: int
     shards: int = 1  # GPUs that FSDP shards weights, gradients and optimizer states over (1: not sharded)
     gradient_buckets: bool = False  # DDP: gradients live in buckets that stay allocated between steps
+    head_gradient_bytes: int = 0  # the LM head's gradient, made first in backward (or in the chunked loss)
+    embedding_gradient_bytes: int = 0  # an untied token table's gradient, made last
+    recompute_bytes: int = 0  # with checkpointing: one recomputed layer's activations and its backward's temporaries
+    cap_slack_bytes: int = 0  # pages the allocator cannot give back at a full card (CHECKPOINTING_CAP_SLACK_*)
 
     @property
     def backward_peak_bytes(self) -> int:
@@ -196,17 +211,14 @@ class MemoryBreakdown:
         """
         resident = self.weights_bytes + self.lora_bytes + self.optimizer_bytes + self.master_weights_bytes
         if self.gradient_checkpointing:
-            # The loss's buffers are gone before the first layer is recomputed. Gradients
-            # fill in while the layers' inputs are freed. Half way through, a full
-            # fine-tune's recomputed layer and its backward's temporaries take about four
-            # layers' saved activations: llama-1b at seq 1024, micro-batch 8, 11 and 14,
-            # peaks on a line of 0.50 GiB per row above half the gradients, within 1%.
-            saved = self.weight_copies_bytes + self.activations_bytes + max(
-                self.logits_bytes, self.activations_per_layer_bytes)
-            late = self.gradients_bytes + self.activations_bytes + self.activations_per_layer_bytes
-            if not self.lora_bytes:
-                late = max(late, (self.gradients_bytes + self.activations_bytes) // 2
-                           + RECOMPUTED_LAYER_PEAK * self.activations_per_layer_bytes)
+            # Forward ends with every layer's input saved and the loss's buffers. Backward
+            # recomputes one layer at a time (recompute_bytes) over the inputs of the layers
+            # below it and the gradients of those above: most at the top layer (every input,
+            # the head's gradient) or at the bottom one (every gradient but the embedding's,
+            # which comes last when it is not the head's).
+            saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
+            late = max(self.activations_bytes + self.head_gradient_bytes,
+                       self.gradients_bytes - self.embedding_gradient_bytes) + self.recompute_bytes
         else:
             saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
             late = self.gradients_bytes
@@ -246,13 +258,6 @@ class MemoryBreakdown:
         if self.device != "cuda":
             return self.peak_bytes
         return self.allocated_bytes + self.cap_slack_bytes + self.runtime_bytes
-
-    @property
-    def cap_slack_bytes(self) -> int:
-        """Pages the allocator cannot give back at a full card (``CHECKPOINTING_CAP_SLACK``)."""
-        if self.device != "cuda" or not self.gradient_checkpointing:
-            return 0
-        return min(int(self.logits_bytes * CHECKPOINTING_CAP_SLACK[self.lora_bytes > 0]), CHECKPOINTING_CAP_SLACK_MAX)
 
     @property
     def margin_bytes(self) -> int:
@@ -319,6 +324,7 @@ def estimate_memory(
         raise ValueError("FSDP is planned for full training only")
     params = shape.param_count()
     autocast = precision in ("bf16", "fp16", "fp8")
+    fused_loss = compiled and device == "cuda"  # torch.compile fuses the loss; eager jobs chunk it
     head = shape.vocab_size * (shape.embedding_dim or shape.hidden)
     matmul_params = shape.non_embedding_params() + head
 
@@ -326,8 +332,10 @@ def estimate_memory(
         trainable = params
         weight_bpp = 4.0
         weights = 4 * params
-        # Checkpointed layers recompute their casts in backward; only the head's copy is held.
-        copies = (2 * (head if gradient_checkpointing else matmul_params)) if autocast else 0
+        # Checkpointed layers recompute their casts in backward; a compiled head's copy is held
+        # (an eager job's chunked loss casts the head for itself: ``chunked_loss_bytes``).
+        held = (head if fused_loss else 0) + (0 if gradient_checkpointing else matmul_params - head)
+        copies = 2 * held if autocast else 0
         adapters = 0
     else:
         trainable = lora_params(shape, lora)
@@ -364,9 +372,34 @@ def estimate_memory(
         activations = shape.layers * tokens * shape.hidden * residual_bytes + final_norm
     else:
         activations = shape.layers * per_layer + final_norm
-    logits = tokens * shape.vocab_size * _LOGITS_BYTES[(autocast, compiled and device == "cuda")]
+    if fused_loss:
+        logits = tokens * shape.vocab_size * _COMPILED_LOGITS_BYTES[autocast]
+    else:
+        # the head reads the final norm's output (the residual's dtype), or a factorized
+        # model's down-projection (autocast's dtype); a LoRA base is in the compute dtype already
+        hidden_bytes = 2 if autocast and (residual_bytes == 2 or shape.embedding_dim) else 4
+        logits = chunked_loss_bytes(tokens, shape.vocab_size, shape.embedding_dim or shape.hidden,
+                                    hidden_bytes=hidden_bytes, half=autocast,
+                                    head_cast=autocast and lora is None, head_trained=lora is None)
     if device == "cuda":
         runtime_bytes += CUDA_KERNELS_BYTES + CUBLAS_WORKSPACE_BYTES
+
+    head_grad = embedding_grad = 0
+    if lora is None:
+        head_grad = -(-4 * head // shards)
+        embedding_grad = 0 if shape.tie_embeddings else -(-4 * shape.vocab_size * (shape.embedding_dim or shape.hidden)
+                                                           // shards)
+    recompute = 0
+    if gradient_checkpointing:
+        kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
+        recompute = int(per_layer * (1 + RECOMPUTE_TEMPORARIES[kind])
+                        + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers)
+
+    cap_slack = 0
+    if gradient_checkpointing and device == "cuda":
+        cap_slack = CHECKPOINTING_CAP_SLACK_BYTES + int(CHECKPOINTING_CAP_SLACK_GRADIENTS * gradients)
+        if shape.arch == "gpt2":
+            cap_slack += int(CHECKPOINTING_CAP_SLACK_GPT2_MLP * tokens * shape.intermediate * 4)
 
     partial = MemoryBreakdown(
         params=params, trainable_params=trainable, weights_bytes=weights, weight_copies_bytes=copies,
@@ -376,12 +409,38 @@ def estimate_memory(
         capacity_bytes=capacity_bytes, memory_bytes=memory_bytes, usable_share=usable_share,
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
         grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
+        head_gradient_bytes=head_grad, embedding_gradient_bytes=embedding_grad, recompute_bytes=recompute,
+        cap_slack_bytes=cap_slack,
     )
     headroom = 0
     if device != "cpu":
         headroom = int(partial.allocated_bytes * ALLOCATOR_HEADROOM
                        + (logits * CHECKPOINTING_LOSS_HEADROOM if gradient_checkpointing else 0))
     return replace(partial, headroom_bytes=headroom)
+
+
+def tokens_per_chunk(vocab_size: int) -> int:
+    """Tokens per chunk of the trainer's chunked loss: CHUNK_LOGITS_BYTES of fp32 logits, whole tiles of 128."""
+    return max(128, CHUNK_LOGITS_BYTES // (4 * vocab_size) // 128 * 128)
+
+
+def chunked_loss_bytes(tokens: int, vocab: int, width: int, *, hidden_bytes: int, half: bool,
+                       head_cast: bool, head_trained: bool) -> int:
+    """What the chunked loss holds at its peak, on top of what forward saved.
+
+    Kept until backward: the hidden states' gradient and, when the head trains, its
+    fp32 gradient. While a chunk runs: its fp32 logits and their log-softmax, or its
+    softmax gradient (in ``half``, or fp32) with the head's share of it; and the head
+    cast to the compute dtype when its weights are fp32 under autocast. The first
+    took one more chunk of the compute dtype than these tensors on an H200
+    (2026-12-01): eager matrix runs peaked 0.12 GiB (bf16) and 0.24 GiB (fp32) above
+    them, whatever the micro-batch, the size of that buffer.
+    """
+    chunk = min(tokens, tokens_per_chunk(vocab)) * vocab
+    low = 2 if half else 4
+    during = max((8 + low) * chunk, low * chunk + (low * vocab * width if head_trained else 0))
+    kept = tokens * width * hidden_bytes + (4 * vocab * width if head_trained else 0)
+    return kept + during + (2 * vocab * width if head_cast else 0)
 
 
 def activation_mode(*, autocast: bool, half_base: bool, compiled: bool) -> str:

@@ -11,29 +11,12 @@ import contextlib
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from runner.errors import UserError
-from runner.trainer.data import IGNORE
+from runner.trainer.loss import make_loss
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}
-
-
-class CausalLMLoss(nn.Module):
-    """Mean next-token cross-entropy over the non-ignored targets, computed in fp32.
-
-    The loss is ours (not the model's ``labels=`` path) so that targets can be
-    pre-shifted rows and so that torch.compile fuses the fp32 upcast into it.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=inputs, use_cache=False).logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE)
 
 
 def set_fast_math(device: torch.device, deterministic: bool) -> None:
@@ -79,8 +62,9 @@ class Engine:
         self.device = device
         self.grad_clip = grad_clip
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        loss = CausalLMLoss(model)
-        self.loss_fn = torch.compile(loss) if compile and device.type == "cuda" else loss
+        compiled = compile and device.type == "cuda"
+        loss = make_loss(model, compiled=compiled)
+        self.loss_fn = torch.compile(loss) if compiled else loss
         dtype = AUTOCAST.get(precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and device.type != "cpu" \
             else contextlib.nullcontext
