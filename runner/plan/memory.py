@@ -25,9 +25,10 @@ Face GPT-2 and LLaMA blocks, in eager mode and under torch.compile (which saves
 far less: it fuses the loss and recomputes pointwise work); see ``_ACTIVATION``.
 Every constant below was fitted to the peak memory the trainer reached on an
 H100 80GB (torch 2.11+cu130, transformers 5.17) on 2026-11-24, measured by
-``bench/gpu_memory_matrix.py``; those for torch.compile and the checkpointed
-backward were refitted on an H200 on 2026-12-01, where the trainer first ran
-with expandable segments. docs/benchmarks.md, "GPU memory", has the tables, and
+``bench/gpu_memory_matrix.py``; those for torch.compile were refitted on an H200
+on 2026-12-01, where the trainer first ran with expandable segments, and those for
+the eager loss, the checkpointed backward and a full card's slack on the same day,
+once eager jobs ran the chunked loss. docs/benchmarks.md, "GPU memory", has the tables, and
 ``bench/results/`` the raw figures.
 """
 
@@ -94,22 +95,21 @@ _FOREACH_STEP_TEMP_BYTES = {"adamw": 4, "adamw8bit": 0, "sgd": 0}
 # bitsandbytes: int8 weights; NF4 packs two weights per byte, with double quantization
 # an 8-bit absmax per 64 weights and an fp32 scale per 256 absmaxes.
 _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
-# The caching allocator's fragmentation: max reserved over max allocated was 1.02-1.07
-# (median 1.04) over the 13 matrix runs without checkpointing. With checkpointing the
-# loss's multi-GiB buffers, freed before the layers are recomputed, are carved up by
-# the recomputation and backward and not reused whole: 1.13 and 1.22 for GPT-2 (whose
-# loss dominates), 1.04-1.09 where it does not; 10% of the loss buffers on top covers both.
+# The caching allocator's fragmentation on a roomy card: max reserved over max allocated
+# was 1.02-1.07 (median 1.04) over the 13 matrix runs without checkpointing. With
+# checkpointing, when the loss held multi-GiB buffers, 1.04-1.22; 10% of the loss
+# buffers on top covered it. With the chunked loss it was 1.01-1.10 (H200, 2026-12-01).
 ALLOCATOR_HEADROOM = 0.05
+CHECKPOINTING_LOSS_HEADROOM = 0.10
 # A checkpointed layer's backward: its recomputed activations, the temporaries of its
 # backward as a share of them, and per parameter of the layer its gradient and the casts
-# of its weights. Fitted on an H200, 2026-12-01, with the chunked loss, to 24 checkpointed
+# of its weights. Fitted on an H200, 2026-12-01, with the chunked loss, to 25 checkpointed
 # runs of the matrix and the fit parts (micro-batch 4 to 147, seq 512 to 2048): no run
 # above its prediction by more than 0.02 GiB, none below by more than 0.06 (GPT-2, LoRA)
 # or 0.2 GiB (llama-1b). GPT-2's GELU is a python formula with temporaries of the MLP's
 # width; LLaMA's SiLU is one op.
 RECOMPUTE_TEMPORARIES = {"gpt2": 0.36, "llama": 0.01, "half-base": 0.25}
 RECOMPUTE_BYTES_PER_LAYER_PARAM = {"gpt2": 12, "llama": 9, "half-base": 1}
-CHECKPOINTING_LOSS_HEADROOM = 0.10
 # Taken on CUDA beyond the catalog's context figure (measured right after the context is
 # made): kernels loaded lazily by the first training step, 240 MiB outside torch's
 # allocator (767 MiB at the end less the 527 MiB context, every matrix run), and the
