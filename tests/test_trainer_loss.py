@@ -113,6 +113,13 @@ def test_the_chunked_loss_is_used_unless_compiled_or_the_head_is_not_a_plain_lin
     assert type(make_loss(model, compiled=True)) is CausalLMLoss
     model.config.model_type = "gemma2"  # soft-caps its logits after the head
     assert type(make_loss(model, compiled=False)) is CausalLMLoss
+    model.config.model_type = "gpt2"
+
+    class QuantizedLinear(torch.nn.Linear):  # as bitsandbytes' and torchao's layers are
+        pass
+
+    model.lm_head = QuantizedLinear(64, 300, bias=False)
+    assert type(make_loss(model, compiled=False)) is CausalLMLoss
 
 
 def test_a_chunk_holds_256_mib_of_fp32_logits_in_whole_tiles():

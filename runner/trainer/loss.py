@@ -72,8 +72,9 @@ def make_loss(model: nn.Module, *, compiled: bool) -> nn.Module:
     """The loss module the engine calls: chunked where the head allows it and nothing is compiled."""
     inner = getattr(model, "module", model)  # DDP keeps the model as .module
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    # exactly nn.Linear: a quantized, float8 or LoRA-wrapped head keeps its own forward
     plain = (getattr(getattr(inner, "config", None), "model_type", None) in PLAIN_HEAD_TYPES
-             and isinstance(head, nn.Linear) and head.bias is None)
+             and type(head) is nn.Linear and head.bias is None)
     if compiled or not plain:
         return CausalLMLoss(model)
     return ChunkedLinearLoss(model, head)
