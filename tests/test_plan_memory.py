@@ -91,6 +91,9 @@ def test_an_eager_loss_holds_one_chunk_of_logits_and_the_gradients_it_made_on_th
     during = (8 + 2) * tokens_per_chunk(vocab) * vocab  # one 1280-token chunk's buffers
     assert m.logits_bytes == kept + during + 2 * vocab * width  # and the head cast to bf16
     assert m.logits_bytes < tokens * vocab * 12 / 5  # the whole micro-batch's fp32 log-softmax and its gradients
+    notes = {term: note for term, _, note in m.rows()}
+    assert notes["logits and loss"].startswith("one chunk's logits")
+    assert "fused by torch.compile" in {t: n for t, _, n in memory(compiled=True).rows()}["logits and loss"]
     # Measured allocated peaks on an H200 (torch's max allocated less cuBLAS's 64 MiB workspace).
     assert memory(micro_batch=16).allocated_bytes / GiB == pytest.approx(14.40 - 0.06, abs=0.1)
     assert memory(precision="fp32").allocated_bytes / GiB == pytest.approx(10.27 - 0.06, abs=0.1)

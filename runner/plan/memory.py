@@ -200,6 +200,7 @@ class MemoryBreakdown:
     embedding_gradient_bytes: int = 0  # an untied token table's gradient, made last
     recompute_bytes: int = 0  # with checkpointing: one recomputed layer's activations and its backward's temporaries
     cap_slack_bytes: int = 0  # pages the allocator cannot give back at a full card (CHECKPOINTING_CAP_SLACK_*)
+    chunked_loss: bool = True  # the trainer's chunked loss; False: the loss torch.compile fuses
 
     @property
     def backward_peak_bytes(self) -> int:
@@ -286,7 +287,9 @@ class MemoryBreakdown:
             ("activations", self.activations_bytes,
              f"{ckpt} checkpointing; {self.activations_per_layer_bytes / 2**20:,.0f} MiB per layer"
              + (", one layer recomputed at a time" if self.gradient_checkpointing else "")),
-            ("logits and loss", self.logits_bytes, "logits, fp32 log-softmax, their gradients"),
+            ("logits and loss", self.logits_bytes,
+             "one chunk's logits, the head's and hidden states' gradients" if self.chunked_loss
+             else "the bf16 logits, loss fused by torch.compile"),
             ("optimizer step temporary", self.optimizer_step_bytes, "only while stepping"),
             ("allocator headroom", self.headroom_bytes, f"{ALLOCATOR_HEADROOM:.0%} of allocated"
              + (f" + {CHECKPOINTING_LOSS_HEADROOM:.0%} of the loss buffers" if self.gradient_checkpointing else "")),
@@ -410,7 +413,7 @@ def estimate_memory(
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
         grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
         head_gradient_bytes=head_grad, embedding_gradient_bytes=embedding_grad, recompute_bytes=recompute,
-        cap_slack_bytes=cap_slack,
+        cap_slack_bytes=cap_slack, chunked_loss=not fused_loss,
     )
     headroom = 0
     if device != "cpu":
