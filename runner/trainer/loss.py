@@ -117,8 +117,10 @@ def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d
     """(summed loss, d loss/d hidden or None, d loss/d weight in fp32 or None), one chunk at a time.
 
     Four passes over a chunk's logits (the fp32 copy, log-softmax, exp, the cast
-    back), against the plain loss's six; ignored targets are masked in the hidden
-    states' small matrices rather than in the logits.
+    back); ignored targets are masked in the hidden states' small matrices rather
+    than in the logits. Adding each chunk's share of the head's gradient into one
+    fp32 buffer makes the whole 7-16% slower than the plain loss on an H200
+    (bench/chunked_loss.py), for 4-34x less memory.
     """
     w = weight.to(dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
