@@ -2,6 +2,7 @@
 
     python bench/trainer_speed.py --out bench.json                       # GPT-2 124M, seq 1024, bf16
     python bench/trainer_speed.py --device cpu --steps 3 --tiny --out x.json   # a smoke test
+    python bench/trainer_speed.py --only ours-eager,ours-eager-plain --out eager.json   # the chunked loss's cost
 
 Runs, in one process on random tokens: the HF Trainer with its defaults, the HF
 Trainer with torch_compile=True, and ours (runner.trainer.engine, the code path
@@ -9,7 +10,9 @@ the real trainer steps through: pinned host batches, bf16 autocast over fp32
 weights, the model and loss compiled together, the trainer's causal SDPA so
 that flash attention runs under torch.compile, fused AdamW); the HF runs get
 stock SDPA. Prints tokens/s, MFU (6N + attention FLOPs per token over the
-card's bf16 dense peak) and peak memory for each.
+card's bf16 dense peak) and peak memory for each. ``ours-eager`` steps ours
+without torch.compile, as a job with compile off does (the LM head and the loss
+in chunks), and ``ours-eager-plain`` the same with the plain loss instead.
 Needs torch, transformers and accelerate; not `datasets`.
 """
 
@@ -35,6 +38,7 @@ import torch  # noqa: E402
 
 from runner import presets  # noqa: E402
 from runner.trainer.engine import Engine, make_optimizer, set_fast_math  # noqa: E402
+from runner.trainer.loss import CausalLMLoss  # noqa: E402
 from runner.trainer.metrics import peak_flops, peak_memory_bytes  # noqa: E402
 from runner.trainer.models import causal_attention, config_from_shape  # noqa: E402
 
@@ -61,10 +65,14 @@ def new_model(shape: presets.ModelShape, device: torch.device, attention: str = 
     return AutoModelForCausalLM.from_config(config_from_shape(shape), attn_implementation=attention).to(device)
 
 
-def run_ours(shape, device, precision, batch, seq_len, warmup, steps) -> float:
+def run_ours(shape, device, precision, batch, seq_len, warmup, steps, *, compile: bool = True,
+             plain_loss: bool = False) -> float:
     model = new_model(shape, device, causal_attention())
     optimizer = make_optimizer([p for p in model.parameters()], "adamw", 3e-4, 0.1, device)
-    engine = Engine(model, optimizer, device=device, precision=precision, grad_clip=1.0, compile=device.type == "cuda")
+    engine = Engine(model, optimizer, device=device, precision=precision, grad_clip=1.0,
+                    compile=compile and device.type == "cuda")
+    if plain_loss:  # the whole micro-batch's logits through F.cross_entropy, for comparison
+        engine.loss_fn = CausalLMLoss(model)
     rng = np.random.default_rng(0)
 
     def batches():
@@ -134,7 +142,8 @@ def main() -> None:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, precision)
     tokens = args.batch * seq_len * args.steps
     flops_per_token = shape.flops_per_token(seq_len)
-    runs = {"hf": "HF Trainer (default)", "hf-compile": "HF Trainer (torch_compile=True)", "ours": "runner.trainer"}
+    runs = {"hf": "HF Trainer (default)", "hf-compile": "HF Trainer (torch_compile=True)", "ours": "runner.trainer",
+            "ours-eager": "runner.trainer (eager)", "ours-eager-plain": "runner.trainer (eager, plain loss)"}
     results = []
     for key in args.only.split(","):
         gc.collect()
@@ -142,8 +151,9 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         torch._dynamo.reset()
-        if key == "ours":
-            seconds = run_ours(shape, device, precision, args.batch, seq_len, args.warmup, args.steps)
+        if key.startswith("ours"):
+            seconds = run_ours(shape, device, precision, args.batch, seq_len, args.warmup, args.steps,
+                               compile=key == "ours", plain_loss=key == "ours-eager-plain")
         else:
             seconds = run_hf(shape, device, precision, args.batch, seq_len, args.warmup, args.steps, key == "hf-compile")
         tokens_per_s = tokens / seconds
