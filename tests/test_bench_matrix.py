@@ -183,3 +183,19 @@ def test_the_slack_bisection_closes_in_on_the_least_cap_above_the_peak_that_runs
     assert entry["needs_more_than_bytes"] < 0.3 * GiB <= entry["enough_bytes"]
     assert entry["enough_bytes"] - entry["needs_more_than_bytes"] < 0.8 * GiB / 2**5  # halved at each run
     assert [r["status"] for r in entry["runs"]][:2] == ["ok", "oom"]  # 0.4 GiB above the peak, then 0.2
+
+
+CHUNKED = [ROOT / "bench" / "results" / f"gpu-{part}-chunked-loss-h200-2026-12-01.json" for part in ("matrix", "fit24", "fit40")]
+
+
+def test_the_planner_passes_no_job_that_ran_out_of_memory_on_the_h200_and_predicts_every_peak_within_10_percent():
+    # The eager matrix and the capped fit runs measured with the chunked loss, re-planned by the planner as it is now.
+    entries = [bench.record(r["part"], bench.config_of(r), r["measured"])
+               for path in CHUNKED for r in json.loads(path.read_text())["results"]]
+    verdicts = [e["verdict"] for e in entries if e["verdict"]["agrees"] is not None]
+    assert len(verdicts) == 16 + 58
+    assert not [e["name"] for e in entries if e["verdict"]["predicted_fits"] and e["verdict"]["actual_fits"] is False]
+    cautious = sorted(e["name"] for e in entries if e["verdict"]["agrees"] is False)
+    assert cautious == ["rtx-4090_d20-s2048-b43-bf16-ckpt", "rtx-4090_gpt2-124m-s1024-b161-bf16-ckpt"]
+    peaks = [e["error_pct"]["peak"] for e in entries if e["error_pct"]["peak"] is not None]
+    assert len(peaks) == 16 + 37 and max(abs(p) for p in peaks) < 10
