@@ -8,8 +8,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from runner import presets
+from runner.plan.memory import tokens_per_chunk
 from runner.trainer.data import IGNORE
-from runner.trainer.loss import CausalLMLoss, ChunkedLinearLoss, make_loss, tokens_per_chunk
+from runner.trainer.loss import CausalLMLoss, ChunkedLinearLoss, make_loss
 from runner.trainer.models import config_from_shape
 
 SMALL = {"layers": 2, "hidden": 64, "heads": 4, "intermediate": 128, "vocab_size": 300}

@@ -390,8 +390,7 @@ def estimate_memory(
     head_grad = embedding_grad = 0
     if lora is None:
         head_grad = -(-4 * head // shards)
-        embedding_grad = 0 if shape.tie_embeddings else -(-4 * shape.vocab_size * (shape.embedding_dim or shape.hidden)
-                                                           // shards)
+        embedding_grad = 0 if shape.tie_embeddings else head_grad  # the token table is the head's shape
     recompute = 0
     if gradient_checkpointing:
         kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
