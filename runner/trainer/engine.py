@@ -52,6 +52,40 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, weight_deca
     return torch.optim.SGD(groups, lr=lr, momentum=0.9)
 
 
+@torch.no_grad()
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Make the optimizer's states before the first step, as that step would make them.
+
+    torch makes AdamW's moments (and SGD's momentum) inside the first step, while
+    that step's gradients are alive, so on CUDA they land among the gradients'
+    blocks and every later step lays its activations out around them: a later step
+    needs more room than the first, and a job that does not fit fails only at its
+    second step. Made here, next to the weights, the resident memory is settled
+    before any activation and every step starts from the same free pool. One step
+    with zero gradients at a learning rate of 0 makes the states and changes no
+    weight; then every state (moments, momentum, step counters) is set back to zero,
+    which is what the first step finds in a fresh one. Other optimizers stay lazy.
+    """
+    if type(optimizer) not in (torch.optim.AdamW, torch.optim.SGD):
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(optimizer.state.get(p) for p in params):
+        return  # resumed, or made already
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.zero_()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class Engine:
     """One optimizer step over a list of micro-batches."""
 

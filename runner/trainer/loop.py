@@ -28,7 +28,7 @@ from runner.resolved import ResolvedRun
 from runner.spec import DataSpec
 from runner.trainer import checkpoint, distributed
 from runner.trainer.data import Corpus, RowStream, eval_batches, mixture_weights, tokenize_sources
-from runner.trainer.engine import Engine, make_optimizer, set_fast_math
+from runner.trainer.engine import Engine, init_optimizer_state, make_optimizer, set_fast_math
 from runner.trainer.metrics import MetricsLog, Summary, measure_memory, peak_flops, peak_memory_bytes, progress_line
 from runner.trainer.models import build_model
 from runner.trainer.signals import StopFlag
@@ -206,6 +206,8 @@ class Run:
             (self.run_dir / "resolved.json").write_text(resolved.model_dump_json(indent=2) + "\n")
         if found is not None:
             self._resume(found, state)
+        else:
+            init_optimizer_state(optimizer)
 
     def _setup_data(self, job_dir: Path, cache_dir: Path, vocab_size: int) -> None:
         resolved, exp, spec = self.resolved, self.exp, self.train_spec
