@@ -7,6 +7,7 @@
     python bench/gpu_memory_matrix.py --tiny --device cpu --limit 2 --out x   # a CPU smoke test
     python bench/gpu_memory_matrix.py --replan RESULTS.json ...         # saved results against today's planner
     python bench/gpu_memory_matrix.py --part fit24 --only NAME --slack --out x  # the cap NAME needs above its peak
+    python bench/gpu_memory_matrix.py --part fit24 --beyond 3 --only NAMES --out x  # past the boundary: where it really is
 
 No configuration starts after ``--budget-s`` (540 s): the rest are listed as
 not run, and ``--only NAME,NAME`` runs them in another invocation. With
@@ -17,8 +18,9 @@ so each starts from a fresh CUDA context and an empty caching allocator, set
 up as the trainer sets it (expandable segments, ``runner.trainer.allocator``). The
 child builds the model with the trainer's own ``build_model`` from an
 ``Experiment`` made in code (random weights: memory and speed do not depend on
-their values), makes the trainer's optimizer (fused AdamW on CUDA) and
-``Engine``, and trains on random tokens, moved to the GPU per step the way the
+their values), makes the trainer's optimizer (fused AdamW on CUDA) with its
+states made before the first step as the trainer makes them
+(``--lazy-optimizer-state``: in the first step, as torch does) and ``Engine``, and trains on random tokens, moved to the GPU per step the way the
 training loop moves them. The matrix takes 3 warm-up and 5 timed steps, the fit
 checks 1 and 2; the peak counts every step, compilation included.
 
@@ -146,12 +148,13 @@ class Config:
     extra_micro_batches: tuple[int, ...] = ()  # timed after the run: the probe's smaller ones, then the job's
     job_micro_batch: int | None = None  # of those, the one predicted from the probe's (out of sample)
     shared_gpu: bool = False  # other processes use the GPU meanwhile (--shared-gpu)
+    lazy_optimizer_state: bool = False  # AdamW makes its states in the first step, not before it (--lazy-optimizer-state)
 
     @property
     def name(self) -> str:
         flags = "".join(f"-{f}" for f, on in (("lora", self.lora), ("ckpt", self.checkpointing),
                                                ("compile", self.compile)) if on)
-        tiny = "-tiny" if self.tiny else ""
+        tiny = ("-lazy" if self.lazy_optimizer_state else "") + ("-tiny" if self.tiny else "")
         return f"{self.profile}_{self.model}-s{self.seq_len}-b{self.micro_batch}-{self.precision}{flags}{tiny}"
 
 
@@ -212,6 +215,21 @@ def fit_bases(part: str) -> list[Config]:
             c("llama-7b", 512, 1, "bf16"),  # full fine-tune: 16 B/param alone is 108 GB
             c("gpt2-124m", 1024, 1, "bf16", checkpointing=True),
             c("d12", 2048, 1, "bf16", checkpointing=True),
+            # added on 2026-12-01, then fitted to with the rest (the checkpointed backward, the cap slack)
+            c("gpt2-355m", 512, 1, "bf16", checkpointing=True),
+            c("llama-1b", 2048, 1, "bf16", checkpointing=True),
+            c("d12", 1024, 1, "bf16", checkpointing=True),
+            c("d20", 1024, 1, "fp16", checkpointing=True),
+            c("llama-160m", 2048, 1, "bf16", checkpointing=True),
+            c("llama-7b", 1024, 1, "fp16", checkpointing=True, lora=True),
+            c("d20", 1024, 1, "bf16"),
+            c("llama-160m", 1024, 1, "bf16"),
+            # out of sample for the planner of 2026-12-01: run after its last fit
+            c("llama-160m", 1024, 1, "bf16", checkpointing=True),
+            c("gpt2-124m", 512, 1, "bf16", checkpointing=True),
+            c("d20", 2048, 1, "fp16", checkpointing=True),
+            c("llama-1b", 512, 1, "bf16", checkpointing=True),
+            c("factorized-197m", 1024, 1, "bf16", checkpointing=True),
         ]
     else:
         bases = [
@@ -225,6 +243,18 @@ def fit_bases(part: str) -> list[Config]:
             c("llama-7b", 512, 1, "bf16"),
             c("d20", 2048, 1, "bf16", checkpointing=True),
             c("llama-1b", 1024, 1, "bf16", checkpointing=True),
+            # added on 2026-12-01, then fitted to with the rest (the checkpointed backward, the cap slack)
+            c("gpt2-355m", 1024, 1, "bf16", checkpointing=True),
+            c("d12", 2048, 1, "bf16", checkpointing=True),
+            c("gpt2-124m", 1024, 1, "fp16", checkpointing=True),
+            c("llama-7b", 512, 1, "fp16", checkpointing=True, lora=True),
+            c("gpt2-355m", 512, 1, "fp16"),
+            # out of sample for the planner of 2026-12-01: run after its last fit
+            c("llama-160m", 2048, 1, "bf16", checkpointing=True),
+            c("d20", 1024, 1, "bf16", checkpointing=True),
+            c("llama-1b", 1024, 1, "fp16", checkpointing=True),
+            c("gpt2-355m", 512, 1, "bf16", checkpointing=True),
+            c("d12", 1024, 1, "bf16", checkpointing=True),
         ]
     return [replace(b, profile=FIT_PROFILES[part], warmup_steps=1, timed_steps=2) for b in bases]
 
@@ -349,7 +379,7 @@ def run_one(config: Config, device_kind: str) -> dict:
     import torch
     import transformers
 
-    from runner.trainer.engine import Engine, make_optimizer, set_fast_math
+    from runner.trainer.engine import Engine, init_optimizer_state, make_optimizer, set_fast_math
     from runner.trainer.metrics import peak_memory_bytes
     from runner.trainer.models import build_model
 
@@ -392,6 +422,8 @@ def run_one(config: Config, device_kind: str) -> dict:
         model = built.model
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(trainable, "adamw", 3e-4, 0.1, device)
+        if not config.lazy_optimizer_state:
+            init_optimizer_state(optimizer)  # as the trainer does for a run that does not resume
         engine = Engine(model, optimizer, device=device, precision=precision, grad_clip=1.0, compile=config.compile)
         out.update(params=sum(p.numel() for p in model.parameters()), trainable_params=sum(p.numel() for p in trainable),
                    fused_adamw=bool(optimizer.defaults.get("fused")))
@@ -445,7 +477,8 @@ def run_one(config: Config, device_kind: str) -> dict:
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if not is_oom(exc):
             raise
-        out.update(status="oom", error=str(exc).strip().splitlines()[0][:300])
+        # Whole: torch's message says what was allocated and what was mapped but free at the failed request.
+        out.update(status="oom", error=str(exc).strip().splitlines()[0][:1000])
 
     if cuda:
         torch.cuda.synchronize(device)
@@ -529,8 +562,9 @@ def verdict(predicted_fits: bool, measured: dict, capacity_bytes: int) -> dict:
             "agrees": None if actual is None else actual == predicted_fits, "why": why}
 
 
-def boundary(base: Config) -> list[Config]:
-    """The largest micro-batch the planner fits on the base's profile, and one more (one run when none fits)."""
+def boundary(base: Config, beyond: int = 0) -> list[Config]:
+    """The largest micro-batch the planner fits on the base's profile and one more (one run when none fits),
+    then ``beyond`` more: where the real boundary lies when the planner is known to be cautious."""
     def fits(micro_batch: int) -> bool:
         return plan_for(replace(base, micro_batch=micro_batch), base.profile).fits
 
@@ -543,16 +577,16 @@ def boundary(base: Config) -> list[Config]:
             low = mid
         else:
             high = mid - 1
-    return [replace(base, micro_batch=low), replace(base, micro_batch=low + 1)]
+    return [replace(base, micro_batch=low + i) for i in range(2 + beyond)]
 
 
-def configs_for(part: str, tiny: bool) -> list[Config]:
+def configs_for(part: str, tiny: bool, beyond: int = 0) -> list[Config]:
     if part == "matrix":
         chosen = matrix()
     else:
         profile = FIT_PROFILES[part]
         cap = plan_for(fit_bases(part)[0], profile).memory.capacity_bytes  # type: ignore[union-attr]
-        chosen = [replace(c, cap_bytes=cap) for base in fit_bases(part) for c in boundary(base)]
+        chosen = [replace(c, cap_bytes=cap) for base in fit_bases(part) for c in boundary(base, beyond)]
     return [replace(c, tiny=tiny) for c in chosen]
 
 
@@ -779,6 +813,10 @@ def main() -> None:
                         help="no runs: compare saved measurements (results.json) with the planner as it is now")
     parser.add_argument("--slack", action="store_true",
                         help="for each chosen configuration (use --only), bisect the cap it needs above its allocated peak")
+    parser.add_argument("--beyond", type=int, default=0, metavar="N",
+                        help="fit parts: also the N micro-batches after the planner's boundary pair")
+    parser.add_argument("--lazy-optimizer-state", action="store_true",
+                        help="let AdamW make its states in the first step, as torch does, not before it as the trainer does")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one configuration as JSON
     args = parser.parse_args()
 
@@ -796,8 +834,9 @@ def main() -> None:
     parts = ["matrix", "fit24", "fit40"] if args.part == "all" else [args.part]
     planned: list[tuple[str, Config]] = []
     for part in parts:
-        chosen = [replace(c, shared_gpu=args.shared_gpu, timed_steps=args.timed_steps or c.timed_steps)
-                  for c in configs_for(part, args.tiny)]
+        chosen = [replace(c, shared_gpu=args.shared_gpu, timed_steps=args.timed_steps or c.timed_steps,
+                          lazy_optimizer_state=args.lazy_optimizer_state)
+                  for c in configs_for(part, args.tiny, args.beyond)]
         if args.only:
             wanted = set(args.only.split(","))
             chosen = [c for c in chosen if c.name in wanted]
