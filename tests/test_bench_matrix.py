@@ -185,17 +185,36 @@ def test_the_slack_bisection_closes_in_on_the_least_cap_above_the_peak_that_runs
     assert [r["status"] for r in entry["runs"]][:2] == ["ok", "oom"]  # 0.4 GiB above the peak, then 0.2
 
 
-CHUNKED = [ROOT / "bench" / "results" / f"gpu-{part}-chunked-loss-h200-2026-12-01.json" for part in ("matrix", "fit24", "fit40")]
+MEASURED = [ROOT / "bench" / "results" / f"gpu-{part}-states-first-h200-2026-12-01.json"
+            for part in ("matrix", "fit24", "fit40")]
 
 
-def test_the_planner_passes_no_job_that_ran_out_of_memory_on_the_h200_and_predicts_every_peak_within_10_percent():
-    # The eager matrix and the capped fit runs measured with the chunked loss, re-planned by the planner as it is now.
-    entries = [bench.record(r["part"], bench.config_of(r), r["measured"])
-               for path in CHUNKED for r in json.loads(path.read_text())["results"]]
+def measured_entries() -> list[dict]:
+    """The eager matrix and the capped fit runs of the trainer as it is (chunked loss, optimizer states made
+    before the first step), on an H200, re-planned by the planner as it is now."""
+    return [bench.record(r["part"], bench.config_of(r), r["measured"])
+            for path in MEASURED for r in json.loads(path.read_text())["results"]]
+
+
+def test_every_boundary_the_planner_draws_for_the_fit_parts_was_run_on_the_h200():
+    ran_there = {e["name"] for e in measured_entries()}
+    for part in ("fit24", "fit40"):
+        drawn = {c.name for c in bench.configs_for(part, tiny=False) if c.lora or c.model != "llama-7b"}
+        assert drawn <= ran_there, sorted(drawn - ran_there)
+
+
+def test_the_planners_verdicts_and_peaks_against_what_the_h200_measured():
+    entries = measured_entries()
     verdicts = [e["verdict"] for e in entries if e["verdict"]["agrees"] is not None]
-    assert len(verdicts) == 16 + 58
-    assert not [e["name"] for e in entries if e["verdict"]["predicted_fits"] and e["verdict"]["actual_fits"] is False]
-    cautious = sorted(e["name"] for e in entries if e["verdict"]["agrees"] is False)
-    assert cautious == ["rtx-4090_d20-s2048-b43-bf16-ckpt", "rtx-4090_gpt2-124m-s1024-b161-bf16-ckpt"]
+    assert len(verdicts) == 16 + 108
+    # One job passed ran, but its process went 11 MiB past the emulated card: the allocator mapped that much over
+    # the share it was given. Three ran that the planner refused, each within 0.07 GiB of what it asks.
+    optimistic = [e for e in entries if e["verdict"]["predicted_fits"] and e["verdict"]["actual_fits"] is False]
+    assert [e["name"] for e in optimistic] == ["rtx-4090_llama-1b-s512-b63-bf16-ckpt"]
+    assert optimistic[0]["measured"]["status"] == "ok"
+    assert optimistic[0]["measured"]["peak_bytes"] - optimistic[0]["verdict"]["capacity_bytes"] <= 12 * 2**20
+    cautious = sorted(e["name"] for e in entries if e["verdict"]["agrees"] is False and not e["verdict"]["predicted_fits"])
+    assert cautious == ["a100-40gb_d12-s1024-b426-bf16-ckpt", "a100-40gb_d12-s2048-b213-bf16-ckpt",
+                        "rtx-4090_factorized-197m-s1024-b210-bf16-ckpt"]
     peaks = [e["error_pct"]["peak"] for e in entries if e["error_pct"]["peak"] is not None]
-    assert len(peaks) == 16 + 37 and max(abs(p) for p in peaks) < 10
+    assert len(peaks) == 16 + 52 and max(abs(p) for p in peaks) < 10

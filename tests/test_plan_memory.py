@@ -129,17 +129,29 @@ def test_checkpointing_adds_headroom_for_the_loss_buffers_it_fragments():
     assert m.headroom_bytes == int(m.allocated_bytes * 0.05 + m.logits_bytes * 0.10)
 
 
-@pytest.mark.parametrize("shape, seq_len, micro_batch, measured", [
-    ("gpt2-124m", 1024, 147, 20.15), ("gpt2-355m", 512, 16, 6.33), ("d20", 2048, 40, 21.03),
-    ("llama-1b", 1024, 14, 18.00), ("llama-1b", 1024, 30, 21.59)])
+@pytest.mark.parametrize("shape, seq_len, micro_batch, measured_mib", [
+    # torch's max allocated in checkpointed steps on an H200, 2026-12-01: bench/results/memory-peak-h200-2026-12-01.json
+    # and gpu-fit24-states-first-h200-2026-12-01.json. llama-160m's MLP is 4x its width, the others' under 3x.
+    ("gpt2-124m", 1024, 162, 22567), ("gpt2-355m", 512, 166, 22624), ("d20", 2048, 43, 22633),
+    ("d12", 2048, 213, 38838), ("llama-1b", 1024, 14, 18430), ("llama-1b", 1024, 31, 22407),
+    ("llama-160m", 2048, 110, 23504), ("factorized-197m", 1024, 160, 17614)])
 def test_a_checkpointed_backward_peaks_at_the_top_or_the_bottom_layer_with_one_layer_recomputed(
-        shape, seq_len, micro_batch, measured):
-    # Allocated peaks measured on an H200 with the chunked loss; the model may say a little more, never less.
+        shape, seq_len, micro_batch, measured_mib):
+    # The model may say a little more than was measured, hardly less.
     m = memory(shape, seq_len=seq_len, micro_batch=micro_batch, gradient_checkpointing=True)
-    assert -0.03 <= m.allocated_bytes / GiB - measured <= 0.25
-    top = m.activations_bytes + m.head_gradient_bytes
+    assert -0.03 <= (m.allocated_bytes - measured_mib * 2**20) / GiB <= 0.3
+    top = m.activations_bytes - m.final_norm_bytes + m.head_gradient_bytes  # the final norm's backward is done
     bottom = m.gradients_bytes - m.embedding_gradient_bytes
     assert m.backward_peak_bytes == m.weights_bytes + m.optimizer_bytes + max(top, bottom) + m.recompute_bytes
+
+
+def test_a_factorized_models_residual_stream_is_in_the_compute_dtype():
+    # Its up-projection runs under autocast, so every layer's input is bf16 where a LLaMA's is fp32.
+    factorized = memory("factorized-197m", micro_batch=64, gradient_checkpointing=True)
+    llama = memory("llama-160m", micro_batch=64, gradient_checkpointing=True)
+    per_input = {m: (m.activations_bytes - m.final_norm_bytes) / (s.layers * 64 * 1024 * s.hidden)
+                 for m, s in ((factorized, lookup_preset("factorized-197m")), (llama, lookup_preset("llama-160m")))}
+    assert per_input[factorized] == 2 and per_input[llama] == 4
 
 
 def test_a_checkpointed_lora_step_recomputes_its_layers_over_a_frozen_half_precision_base():
@@ -173,15 +185,13 @@ def test_a_full_card_needs_the_allocated_peak_and_the_runtime_not_the_allocators
 
 
 def test_a_checkpointed_step_at_a_full_card_also_needs_the_pages_the_allocator_cannot_give_back():
-    # Capped on an H200: llama-1b at seq 1024, b31, ran out of memory 0.16 GiB inside its cap; d20 b43 ran with 0.08.
-    llama = memory("llama-1b", micro_batch=31, gradient_checkpointing=True, capacity_bytes=24 * GiB)
-    assert llama.cap_slack_bytes == 64 * 2**20 + int(0.03 * llama.gradients_bytes)
-    assert 0.16 < llama.cap_slack_bytes / GiB < 0.2
-    assert llama.required_bytes == llama.allocated_bytes + llama.cap_slack_bytes + llama.runtime_bytes
-    # GPT-2's fp32 GELU temporaries, one of them 1.9 GiB at b162, fragment more.
-    gpt2 = memory(micro_batch=162, gradient_checkpointing=True)
-    assert gpt2.cap_slack_bytes == 64 * 2**20 + int(0.03 * gpt2.gradients_bytes) + int(0.15 * 162 * 1024 * 3072 * 4)
-    # Without checkpointing the runtime's own margin covers the 0.05 GiB measured; off CUDA the peak decides.
+    # Capped on an H200: d12 at seq 1024, b237, ran out of memory 0.098 GiB inside its cap; 38 of 41
+    # checkpointed jobs that ran at their boundaries had 0.103 and more. Every checkpointed job asks 0.1 GiB.
+    for shape, micro_batch in (("llama-1b", 31), ("gpt2-124m", 162), ("d12", 237)):
+        m = memory(shape, micro_batch=micro_batch, gradient_checkpointing=True, capacity_bytes=24 * GiB)
+        assert m.cap_slack_bytes == int(0.1 * GiB)
+        assert m.required_bytes == m.allocated_bytes + m.cap_slack_bytes + m.runtime_bytes
+    # Without checkpointing every boundary held with no slack; off CUDA the peak decides.
     assert memory("d12", seq_len=2048, micro_batch=7).cap_slack_bytes == 0
     on_mps = memory(device="mps", precision="fp32", gradient_checkpointing=True)
     assert on_mps.cap_slack_bytes == 0 and on_mps.required_bytes == on_mps.peak_bytes

@@ -27,9 +27,10 @@ Every constant below was fitted to the peak memory the trainer reached on an
 H100 80GB (torch 2.11+cu130, transformers 5.17) on 2026-11-24, measured by
 ``bench/gpu_memory_matrix.py``; those for torch.compile were refitted on an H200
 on 2026-12-01, where the trainer first ran with expandable segments, and those for
-the eager loss, the checkpointed backward and a full card's slack on the same day,
-once eager jobs ran the chunked loss. docs/benchmarks.md, "GPU memory", has the tables, and
-``bench/results/`` the raw figures.
+the eager loss on the same day, once eager jobs ran the chunked loss, and those for the
+checkpointed backward and a full card's slack last, once the trainer made its optimizer
+states before the first step (``bench/memory_peak.py`` read what is alive at the peak).
+docs/benchmarks.md, "GPU memory", has the tables, and ``bench/results/`` the raw figures.
 """
 
 from __future__ import annotations
@@ -101,15 +102,21 @@ _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 # buffers on top covered it. With the chunked loss it was 1.01-1.10 (H200, 2026-12-01).
 ALLOCATOR_HEADROOM = 0.05
 CHECKPOINTING_LOSS_HEADROOM = 0.10
-# A checkpointed layer's backward: its recomputed activations, the temporaries of its
-# backward as a share of them, and per parameter of the layer its gradient and the casts
-# of its weights. Fitted on an H200, 2026-12-01, with the chunked loss, to 25 checkpointed
-# runs of the matrix and the fit parts (micro-batch 4 to 147, seq 512 to 2048): no run
-# above its prediction by more than 0.02 GiB, none below by more than 0.06 (GPT-2, LoRA)
-# or 0.2 GiB (llama-1b). GPT-2's GELU is a python formula with temporaries of the MLP's
-# width; LLaMA's SiLU is one op.
-RECOMPUTE_TEMPORARIES = {"gpt2": 0.36, "llama": 0.01, "half-base": 0.25}
-RECOMPUTE_BYTES_PER_LAYER_PARAM = {"gpt2": 12, "llama": 9, "half-base": 1}
+# A checkpointed layer's backward: its recomputed activations, a share of them again for
+# its backward's temporaries, per token and MLP width the gradients its MLP makes, and per
+# parameter of the layer its weights' casts and gradients. Read off torch's memory history
+# at the peak of checkpointed steps (``bench/memory_peak.py``, H200, 2026-12-01): at
+# LLaMA's top layer, besides every layer's input and the head's gradient, the layer's
+# saved activations and about two bf16 gradients of the MLP's width; the final norm's
+# tensors are gone, its backward done. Then fitted to the allocated peaks of 44
+# checkpointed LLaMA-family runs (d12, d20, llama-160m, llama-1b; micro-batch 14 to 426,
+# seq 512 to 2048): within -0.02 and +0.065 GiB. GPT-2 (16 runs) and LoRA (9) keep their
+# MLP at one ratio to the width, so one share covers both terms: within -0.015 and +0.06,
+# and +0.03. factorized-197m's three runs come out 0.27 GiB (1.6%) high. GPT-2's GELU is a
+# python formula with temporaries of the MLP's width; LLaMA's SiLU is one op.
+RECOMPUTE_TEMPORARIES = {"gpt2": 0.48, "llama": 0.0, "half-base": 0.4}
+RECOMPUTE_MLP_BYTES = {"gpt2": 0, "llama": 4.125, "half-base": 0}
+RECOMPUTE_BYTES_PER_LAYER_PARAM = {"gpt2": 10, "llama": 3.5, "half-base": 0.5}
 # Taken on CUDA beyond the catalog's context figure (measured right after the context is
 # made): kernels loaded lazily by the first training step, 240 MiB outside torch's
 # allocator (767 MiB at the end less the 527 MiB context, every matrix run), and the
@@ -118,18 +125,15 @@ CUDA_KERNELS_BYTES = 240 * 2**20
 CUBLAS_WORKSPACE_BYTES = 64 * 2**20
 # At a full card, expandable segments give back cached memory in whole pages of the
 # large pool (20 MiB), so the part-used pages around free blocks stay mapped: a
-# checkpointed job needs room above its allocated peak for them. With the chunked loss
-# (H200, 2026-12-01, allocator capped at 24 GB and 40 GB), checkpointed jobs at their
-# boundaries ran out of memory with up to 0.16 GiB of room above their predicted peak
-# (llama-1b), GPT-2 with up to 0.19 (gpt2-124m b162, asking for one 1.9 GiB fp32 tensor
-# of the MLP's width: its GELU is a python formula whose fp32 temporaries come and go),
-# and ran with 0.08-0.29 (d20 with 0.08). The planner asks 64 MiB, 3% of the gradients
-# (filled in layer by layer between freed activations) and, for GPT-2, 15% of one fp32
-# tensor of the MLP's width. Without checkpointing the measured need was 0.05 GiB,
-# inside the runtime figure's margin.
-CHECKPOINTING_CAP_SLACK_BYTES = 64 * 2**20
-CHECKPOINTING_CAP_SLACK_GRADIENTS = 0.03
-CHECKPOINTING_CAP_SLACK_GPT2_MLP = 0.15
+# checkpointed job needs room above its allocated peak for them. Measured on an H200,
+# 2026-12-01, with the optimizer's states made before the first step
+# (``runner.trainer.engine.init_optimizer_state``), the allocator capped at 24 GB and 40 GB:
+# 45 checkpointed runs at or past their boundaries ran out of memory with up to 0.098 GiB
+# of room above their predicted peak (d12 seq 1024 b237); 38 of the 41 that ran had 0.103
+# GiB or more (d12 twice with 0.031, factorized-197m, overestimated, with 0.02). 0.1 GiB
+# lies between. Without checkpointing every boundary held with no slack (a run with 0.015
+# GiB of room ran).
+CHECKPOINTING_CAP_SLACK_BYTES = int(0.1 * 2**30)
 
 
 @dataclass(frozen=True)
@@ -198,8 +202,9 @@ class MemoryBreakdown:
     gradient_buckets: bool = False  # DDP: gradients live in buckets that stay allocated between steps
     head_gradient_bytes: int = 0  # the LM head's gradient, made first in backward (or in the chunked loss)
     embedding_gradient_bytes: int = 0  # an untied token table's gradient, made last
-    recompute_bytes: int = 0  # with checkpointing: one recomputed layer's activations and its backward's temporaries
-    cap_slack_bytes: int = 0  # pages the allocator cannot give back at a full card (CHECKPOINTING_CAP_SLACK_*)
+    recompute_bytes: int = 0  # with checkpointing: one layer recomputed and its backward (RECOMPUTE_*)
+    final_norm_bytes: int = 0  # what the final norm saves for backward, in activations_bytes
+    cap_slack_bytes: int = 0  # pages the allocator cannot give back at a full card (CHECKPOINTING_CAP_SLACK_BYTES)
     chunked_loss: bool = True  # the trainer's chunked loss; False: the loss torch.compile fuses
 
     @property
@@ -215,10 +220,10 @@ class MemoryBreakdown:
             # Forward ends with every layer's input saved and the loss's buffers. Backward
             # recomputes one layer at a time (recompute_bytes) over the inputs of the layers
             # below it and the gradients of those above: most at the top layer (every input,
-            # the head's gradient) or at the bottom one (every gradient but the embedding's,
-            # which comes last when it is not the head's).
+            # the head's gradient; the final norm is done) or at the bottom one (every
+            # gradient but the embedding's, which comes last when it is not the head's).
             saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
-            late = max(self.activations_bytes + self.head_gradient_bytes,
+            late = max(self.activations_bytes - self.final_norm_bytes + self.head_gradient_bytes,
                        self.gradients_bytes - self.embedding_gradient_bytes) + self.recompute_bytes
         else:
             saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
@@ -366,8 +371,13 @@ def estimate_memory(
         step_temp = -(-step_temp // shards)
 
     tokens = micro_batch * seq_len
-    residual_bytes = 4 if (lora is None or not autocast or device == "cpu") else 2
-    mode = activation_mode(autocast=autocast, half_base=residual_bytes == 2, compiled=compiled and device == "cuda")
+    # The residual stream is fp32 when the token embedding is (full training), and in the
+    # compute dtype over a LoRA's half-precision base or after a factorized embedding's
+    # up-projection, which autocast runs (its layers' saved tensors otherwise match the
+    # autocast mode's within 5%: factorized-197m's memory history, H200, 2026-12-01).
+    half_base = lora is not None and autocast and device != "cpu"
+    residual_bytes = 2 if (half_base or (shape.embedding_dim and autocast and device != "cpu")) else 4
+    mode = activation_mode(autocast=autocast, half_base=half_base, compiled=compiled and device == "cuda")
     per_layer = int(tokens * activation_bytes_per_token_layer(shape, mode))
     final_norm = tokens * shape.hidden * (residual_bytes * 2 + (2 if autocast else 0))
     if gradient_checkpointing:
@@ -395,13 +405,10 @@ def estimate_memory(
     if gradient_checkpointing:
         kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
         recompute = int(per_layer * (1 + RECOMPUTE_TEMPORARIES[kind])
+                        + RECOMPUTE_MLP_BYTES[kind] * tokens * shape.intermediate
                         + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers)
 
-    cap_slack = 0
-    if gradient_checkpointing and device == "cuda":
-        cap_slack = CHECKPOINTING_CAP_SLACK_BYTES + int(CHECKPOINTING_CAP_SLACK_GRADIENTS * gradients)
-        if shape.arch == "gpt2":
-            cap_slack += int(CHECKPOINTING_CAP_SLACK_GPT2_MLP * tokens * shape.intermediate * 4)
+    cap_slack = CHECKPOINTING_CAP_SLACK_BYTES if gradient_checkpointing and device == "cuda" else 0
 
     partial = MemoryBreakdown(
         params=params, trainable_params=trainable, weights_bytes=weights, weight_copies_bytes=copies,
@@ -411,7 +418,8 @@ def estimate_memory(
         capacity_bytes=capacity_bytes, memory_bytes=memory_bytes, usable_share=usable_share,
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
         grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
-        head_gradient_bytes=head_grad, embedding_gradient_bytes=embedding_grad, recompute_bytes=recompute,
+        head_gradient_bytes=head_grad, embedding_gradient_bytes=embedding_grad,
+        recompute_bytes=recompute, final_norm_bytes=final_norm if gradient_checkpointing else 0,
         cap_slack_bytes=cap_slack, chunked_loss=not fused_loss,
     )
     headroom = 0
