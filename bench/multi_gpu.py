@@ -124,7 +124,7 @@ def child(run: Run, out: Path) -> None:
     import torch
 
     from runner.trainer import distributed
-    from runner.trainer.engine import Engine, make_optimizer, set_fast_math
+    from runner.trainer.engine import Engine, init_optimizer_state, make_optimizer, set_fast_math
     from runner.trainer.metrics import peak_memory_bytes
     from runner.trainer.models import build_model
 
@@ -138,6 +138,7 @@ def child(run: Run, out: Path) -> None:
     built = build_model(experiment(run), ROOT, torch.device("cpu") if fsdp else device, precision)
     model = distributed.wrap(built.model, world, device, precision)
     optimizer = make_optimizer([p for p in built.model.parameters() if p.requires_grad], "adamw", 3e-4, 0.1, device)
+    init_optimizer_state(optimizer)  # as the trainer does for a run that does not resume
     engine = Engine(model, optimizer, device=device, precision=precision, grad_clip=1.0, compile=run.compile)
     vocab = built.model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(1000 + world.rank)

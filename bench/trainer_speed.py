@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from runner import presets  # noqa: E402
-from runner.trainer.engine import Engine, make_optimizer, set_fast_math  # noqa: E402
+from runner.trainer.engine import Engine, init_optimizer_state, make_optimizer, set_fast_math  # noqa: E402
 from runner.trainer.loss import CausalLMLoss  # noqa: E402
 from runner.trainer.metrics import peak_flops, peak_memory_bytes  # noqa: E402
 from runner.trainer.models import causal_attention, config_from_shape  # noqa: E402
@@ -69,6 +69,7 @@ def run_ours(shape, device, precision, batch, seq_len, warmup, steps, *, compile
              plain_loss: bool = False) -> float:
     model = new_model(shape, device, causal_attention())
     optimizer = make_optimizer([p for p in model.parameters()], "adamw", 3e-4, 0.1, device)
+    init_optimizer_state(optimizer)  # as the trainer does for a run that does not resume
     engine = Engine(model, optimizer, device=device, precision=precision, grad_clip=1.0,
                     compile=compile and device.type == "cuda")
     if plain_loss:  # the whole micro-batch's logits through F.cross_entropy, for comparison
