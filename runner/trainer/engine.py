@@ -64,7 +64,8 @@ def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     before any activation and every step starts from the same free pool. One step
     with zero gradients at a learning rate of 0 makes the states and changes no
     weight; then every state (moments, momentum, step counters) is set back to zero,
-    which is what the first step finds in a fresh one. Other optimizers stay lazy.
+    so the first real step makes the update a fresh optimizer would, bit for bit
+    (tests/test_trainer_engine.py). Other optimizers stay lazy.
     """
     if type(optimizer) not in (torch.optim.AdamW, torch.optim.SGD):
         return
