@@ -20,8 +20,9 @@ child builds the model with the trainer's own ``build_model`` from an
 ``Experiment`` made in code (random weights: memory and speed do not depend on
 their values), makes the trainer's optimizer (fused AdamW on CUDA) with its
 states made before the first step as the trainer makes them
-(``--lazy-optimizer-state``: in the first step, as torch does) and ``Engine``, and trains on random tokens, moved to the GPU per step the way the
-training loop moves them. The matrix takes 3 warm-up and 5 timed steps, the fit
+(``--lazy-optimizer-state``: in the first step, as torch does) and ``Engine``,
+and trains on random tokens, moved to the GPU per step the way the training
+loop moves them. The matrix takes 3 warm-up and 5 timed steps, the fit
 checks 1 and 2; the peak counts every step, compilation included.
 
 What is measured, per configuration:
@@ -154,8 +155,8 @@ class Config:
     def name(self) -> str:
         flags = "".join(f"-{f}" for f, on in (("lora", self.lora), ("ckpt", self.checkpointing),
                                                ("compile", self.compile)) if on)
-        tiny = ("-lazy" if self.lazy_optimizer_state else "") + ("-tiny" if self.tiny else "")
-        return f"{self.profile}_{self.model}-s{self.seq_len}-b{self.micro_batch}-{self.precision}{flags}{tiny}"
+        suffix = ("-lazy" if self.lazy_optimizer_state else "") + ("-tiny" if self.tiny else "")
+        return f"{self.profile}_{self.model}-s{self.seq_len}-b{self.micro_batch}-{self.precision}{flags}{suffix}"
 
 
 def matrix() -> list[Config]:

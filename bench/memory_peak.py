@@ -7,8 +7,8 @@ optimizer with its states made before the first step, ``Engine``, random
 tokens), runs two steps, then records torch's memory history over a third and
 replays its allocations and frees. At the step's largest allocated total it
 lists the live blocks, grouped by the Python line that allocated them (the
-innermost frame outside torch, or autograd's backward call for what backward
-made), with the allocation that reached the peak. This is how the planner's
+innermost frame outside torch; what autograd's engine makes in backward has no
+Python frame and is one group), with the allocation that reached the peak. This is how the planner's
 terms are read off a real step instead of guessed; ``runner/plan/memory.py``
 says which of its constants came from such a reading.
 """
@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +110,7 @@ def main() -> None:
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     result = replay(snapshot["device_traces"][0], baseline, str(Path(torch.__file__).parent))
-    breakdown = plan_for(replace(config, profile="h100-80gb"), "h100-80gb").memory
+    breakdown = plan_for(config, config.profile).memory
     result.update(config=config.name, max_allocated_bytes=torch.cuda.max_memory_allocated(device),
                   predicted_allocated_bytes=breakdown.allocated_bytes, torch=torch.__version__)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

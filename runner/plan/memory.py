@@ -419,7 +419,7 @@ def estimate_memory(
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
         grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
         head_gradient_bytes=head_grad, embedding_gradient_bytes=embedding_grad,
-        recompute_bytes=recompute, final_norm_bytes=final_norm if gradient_checkpointing else 0,
+        recompute_bytes=recompute, final_norm_bytes=final_norm,
         cap_slack_bytes=cap_slack, chunked_loss=not fused_loss,
     )
     headroom = 0
