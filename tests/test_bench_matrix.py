@@ -218,3 +218,17 @@ def test_the_planners_verdicts_and_peaks_against_what_the_h200_measured():
                         "rtx-4090_factorized-197m-s1024-b210-bf16-ckpt"]
     peaks = [e["error_pct"]["peak"] for e in entries if e["error_pct"]["peak"] is not None]
     assert len(peaks) == 16 + 52 and max(abs(p) for p in peaks) < 10
+
+
+def test_with_the_optimizers_states_made_first_every_step_allocates_what_the_first_one_does():
+    # Each finished run's peak over all its steps against its first step's, with the states made first
+    # and, in the chunked-loss runs, made lazily by the first optimizer step.
+    def after_step_1(paths):
+        runs = [r["measured"] for path in paths for r in json.loads(path.read_text())["results"]]
+        return [m["max_allocated_bytes"] - m["first_step_max_allocated_bytes"] for m in runs if m["status"] == "ok"]
+
+    first = after_step_1(MEASURED)
+    assert len(first) == 68 and max(first) <= 33 * 2**20
+    lazy = after_step_1([ROOT / "bench" / "results" / f"gpu-{part}-chunked-loss-h200-2026-12-01.json"
+                         for part in ("fit24", "fit40")])
+    assert max(lazy) > 5 * 2**30

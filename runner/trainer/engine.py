@@ -56,12 +56,12 @@ def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, weight_deca
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Make the optimizer's states before the first step, as that step would make them.
 
-    torch makes AdamW's moments (and SGD's momentum) inside the first step, while
-    that step's gradients are alive, so on CUDA they land among the gradients'
-    blocks and every later step lays its activations out around them: a later step
-    needs more room than the first, and a job that does not fit fails only at its
-    second step. Made here, next to the weights, the resident memory is settled
-    before any activation and every step starts from the same free pool. One step
+    torch makes AdamW's moments (and SGD's momentum) inside the first step, after its
+    backward, so the first step runs without them and every later one with them, laid
+    out where that step's gradients were: a job passes step 1 and runs out of memory
+    in step 2. Made here, next to the weights, every step allocates what the first
+    one does (docs/benchmarks.md, "GPU memory"), and a checkpointed job fits a little
+    more, its later steps' free pool less cut up. One step
     with zero gradients at a learning rate of 0 makes the states and changes no
     weight; then every state (moments, momentum, step counters) is set back to zero,
     so the first real step makes the update a fresh optimizer would, bit for bit
