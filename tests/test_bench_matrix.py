@@ -173,7 +173,7 @@ def test_the_slack_bisection_closes_in_on_the_least_cap_above_the_peak_that_runs
         if config.cap_bytes is None:
             return {"status": "ok", "max_allocated_bytes": 20 * GiB}
         caps.append(config.cap_bytes)
-        allowed = config.cap_bytes - context - bench.CUDA_KERNELS_BYTES
+        allowed = config.cap_bytes - context - bench.CUDA_KERNELS_BYTES - bench.ALLOCATOR_PAGE_BYTES
         return {"status": "ok" if allowed >= 20.3 * GiB else "oom", "memory_fraction": allowed / total,
                 "total_bytes": total, "max_allocated_bytes": 20 * GiB}
 
@@ -187,13 +187,16 @@ def test_the_slack_bisection_closes_in_on_the_least_cap_above_the_peak_that_runs
 
 MEASURED = [ROOT / "bench" / "results" / f"gpu-{part}-states-first-h200-2026-12-01.json"
             for part in ("matrix", "fit24", "fit40")]
+# Measured again with the cap one allocator page lower (the runs that came within a page of the cap, the
+# wrong verdicts and their neighbours), with the compiled matrix runs and the 7B full fine-tunes.
+PAGE_CAP = ROOT / "bench" / "results" / "gpu-page-cap-h200-2026-12-01.json"
 
 
 def measured_entries() -> list[dict]:
-    """The eager matrix and the capped fit runs of the trainer as it is (chunked loss, optimizer states made
-    before the first step), on an H200, re-planned by the planner as it is now."""
-    return [bench.record(r["part"], bench.config_of(r), r["measured"])
-            for path in MEASURED for r in json.loads(path.read_text())["results"]]
+    """The matrix and the capped fit runs of the trainer as it is (chunked loss, optimizer states made before
+    the first step), on an H200, re-planned by the planner as it is now; a run measured again replaces the first."""
+    runs = {r["name"]: r for path in [*MEASURED, PAGE_CAP] for r in json.loads(path.read_text())["results"]}
+    return [bench.record(r["part"], bench.config_of(r), r["measured"]) for r in runs.values()]
 
 
 def test_every_boundary_the_planner_draws_for_the_fit_parts_was_run_on_the_h200():
@@ -206,18 +209,16 @@ def test_every_boundary_the_planner_draws_for_the_fit_parts_was_run_on_the_h200(
 def test_the_planners_verdicts_and_peaks_against_what_the_h200_measured():
     entries = measured_entries()
     verdicts = [e["verdict"] for e in entries if e["verdict"]["agrees"] is not None]
-    assert len(verdicts) == 16 + 108
-    # One job passed ran, but its process went 11 MiB past the emulated card: the allocator mapped that much over
-    # the share it was given. Three ran that the planner refused, each within 0.07 GiB of what it asks.
-    optimistic = [e for e in entries if e["verdict"]["predicted_fits"] and e["verdict"]["actual_fits"] is False]
-    assert [e["name"] for e in optimistic] == ["rtx-4090_llama-1b-s512-b63-bf16-ckpt"]
-    assert optimistic[0]["measured"]["status"] == "ok"
-    assert optimistic[0]["measured"]["peak_bytes"] - optimistic[0]["verdict"]["capacity_bytes"] <= 12 * 2**20
+    assert len(verdicts) == 19 + 112
+    # Every job the planner passed ran within its card. Three ran that it refused, each within 0.07 GiB of what
+    # it asks (d12) or where it overestimates by 1.7% (factorized-197m, whose b213 ran out of memory).
+    optimistic = [e["name"] for e in entries if e["verdict"]["predicted_fits"] and e["verdict"]["actual_fits"] is False]
+    assert optimistic == []
     cautious = sorted(e["name"] for e in entries if e["verdict"]["agrees"] is False and not e["verdict"]["predicted_fits"])
     assert cautious == ["a100-40gb_d12-s1024-b426-bf16-ckpt", "a100-40gb_d12-s2048-b213-bf16-ckpt",
                         "rtx-4090_factorized-197m-s1024-b210-bf16-ckpt"]
     peaks = [e["error_pct"]["peak"] for e in entries if e["error_pct"]["peak"] is not None]
-    assert len(peaks) == 16 + 52 and max(abs(p) for p in peaks) < 10
+    assert len(peaks) == 19 + 52 and max(abs(p) for p in peaks) < 10
 
 
 def test_with_the_optimizers_states_made_first_every_step_allocates_what_the_first_one_does():
