@@ -147,3 +147,53 @@ def test_a_user_error_ends_the_run_with_exit_reason_error_and_a_message(tmp_path
     assert summary.exit_reason == "error"
     assert "data file not found" in summary.error
     assert json.loads((tmp_path / "summary.json").read_text())["exit_reason"] == "error"
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.53 GiB of which 1.12 GiB "
+            "is free. Process 4242 has 3.10 GiB memory in use. Including non-PyTorch memory, this process has 19.20 GiB "
+            "memory in use. Of the allocated memory 18.50 GiB is allocated by PyTorch, and 290.00 MiB is reserved by "
+            "PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for Memory "
+            "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)")
+
+
+def test_running_out_of_memory_ends_the_run_with_where_and_the_devices_figures_and_no_traceback(tmp_path, monkeypatch,
+                                                                                               capsys):
+    # A CPU has no device memory to run out of: the third step fails the way CUDA's allocator does.
+    from runner.trainer.engine import Engine
+
+    real_step, calls = Engine.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "step", step)
+    summary = train(resolved_run([(32, 4, 1, 5)], eval={"on_start": False}), tmp_path)
+    assert summary.exit_reason == "error" and summary.steps == 2
+    assert summary.error == ("out of memory in step 3 (micro-batch 4 at seq 32): CUDA out of memory. Tried to allocate "
+                             "2.00 GiB. GPU 0 has a total capacity of 23.53 GiB of which 1.12 GiB is free. Including "
+                             "non-PyTorch memory, this process has 19.20 GiB memory in use. Of the allocated memory "
+                             "18.50 GiB is allocated by PyTorch, and 290.00 MiB is reserved by PyTorch but unallocated.")
+    err = capsys.readouterr().err
+    assert f"error: {summary.error}" in err and "Traceback" not in err
+    assert json.loads((tmp_path / "summary.json").read_text())["error"] == summary.error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_step_too_big_for_the_gpu_ends_the_run_out_of_memory_in_that_step(tmp_path):
+    # The allocator capped at 96 MiB: the tiny model and its states fit, a step of 2048 x 32 tokens does not.
+    torch.cuda.set_per_process_memory_fraction(96 * 2**20 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        resolved = resolved_run([(32, 2048, 1, 3)], eval={"on_start": False}).model_copy(
+            update={"device": "cuda", "precision": "bf16"})
+        summary = train(resolved, tmp_path)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert summary.exit_reason == "error" and summary.steps == 0
+    assert summary.error.startswith("out of memory in step 1 (micro-batch 2048 at seq 32): CUDA out of memory. "
+                                    "Tried to allocate ")
+    assert "If reserved" not in summary.error and summary.peak_bytes <= 96 * 2**20

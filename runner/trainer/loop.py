@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import random
+import re
 import sys
 import time
 import traceback
@@ -75,9 +76,13 @@ def train(resolved: ResolvedRun, run_dir: Path) -> Summary:
     except UserError as exc:
         summary.exit_reason, summary.error = "error", exc.render()
         print(f"error: {exc.render()}", file=sys.stderr, flush=True)
-    except Exception as exc:  # a bug, not a user error: keep the traceback
-        traceback.print_exc()
-        summary.exit_reason, summary.error = "error", f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        if is_out_of_memory(exc):  # the job does not fit the device: a fact about the job, kept by the run store
+            summary.exit_reason, summary.error = "error", run.out_of_memory(exc)
+            print(f"error: {summary.error}", file=sys.stderr, flush=True)
+        else:  # a bug, not a user error: keep the traceback
+            traceback.print_exc()
+            summary.exit_reason, summary.error = "error", f"{type(exc).__name__}: {exc}"
     summary.wall_s = round(time.monotonic() - run.started, 3)
     if run.world.is_main:
         summary.write(run_dir)
@@ -88,6 +93,11 @@ def train(resolved: ResolvedRun, run_dir: Path) -> Summary:
     gc.collect()
     distributed.leave(world)
     return summary
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, or MPS's (a RuntimeError in some torch versions)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
 def pick_device(wanted: str) -> torch.device:
@@ -152,10 +162,24 @@ class Run:
         self.exp = resolved.experiment
         self.train_spec = self.exp.train
         self.world = distributed.World()
+        self.step = 0
+        self.doing = "while setting up"  # where an out-of-memory error would have struck
 
     def execute(self) -> None:
         self._setup()
         self._loop()
+
+    def out_of_memory(self, exc: BaseException) -> str:
+        """One line for the summary and the run store: where it ran out, and the device's own figures.
+
+        torch's advice on the allocator's settings is left out (the trainer sets them), and so
+        are the other processes it lists on the GPU.
+        """
+        said = re.split(r" If reserved but unallocated| See documentation", str(exc))[0]
+        said = re.sub(r"Process \d+ has [\d.]+ \w+ memory in use\. ", "", said).strip()
+        self.summary.steps = self.step
+        self.summary.peak_bytes = peak_memory_bytes(self.device) if hasattr(self, "device") else None
+        return f"out of memory {self.doing}: {said}"
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -354,6 +378,7 @@ class Run:
             self.phase_index = segment.phase
             stream = self.streams[segment.phase]
             lr = lr_at(self.step, phase, spec.warmup_steps, spec.min_lr_ratio)
+            self.doing = f"in step {self.step + 1} (micro-batch {segment.micro_batch} at seq {segment.seq_len})"
             t0 = time.monotonic()
             loss = self.engine.step(self._micro_batches(stream, segment), segment.grad_accum, lr)
             self.step += 1
@@ -442,6 +467,7 @@ class Run:
         return self.shape.flops_per_token(seq_len) * tokens_per_s / (self.peak_flops * self.world.size)
 
     def _evaluate(self) -> float | None:
+        self.doing = f"in the evaluation after step {self.step}"
         loss = distributed.mean_of_floats(self.world, self.engine.evaluate(self.evals[self.phase_index]))
         self.last_eval_step = self.step
         if loss is None:
