@@ -35,6 +35,10 @@ match (same micro-batch too), and the fixed overhead of a run on that host
 measured the planner keeps its catalog default (``runner.plan.measured`` checks
 a plan's memory against the peaks measured). Runs with a curriculum are not
 observations: their rate is a blend of several sequence lengths.
+
+``memory_outcomes`` are the runs that ran and those that ran out of memory,
+with how they trained: where one matches a job on a host, it decides the plan's
+memory verdict instead of the estimate (``runner.plan.measured``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from runner.plan.cost import Measured, fit_micro_batch_time, host_bound_time, knee_time
+from runner.plan.measured import MemoryOutcome
 from runner.presets import ModelShape
 from runner.units import format_count
 
@@ -128,19 +133,56 @@ def run_observations(store: Store, *, exclude: set[str] = frozenset()) -> list[O
     return out
 
 
+def ran_out_of_memory(reason: str) -> bool:
+    """Whether a failed run's recorded reason says it ran out of memory (the trainer's or the kernel's words)."""
+    return "out of memory" in reason.lower()
+
+
+def memory_outcomes(store: Store) -> list[MemoryOutcome]:
+    """Every stage of a succeeded run ran; a one-stage run that failed out of memory did not (probes' runs too)."""
+    from runner.resolved import ResolvedRun
+
+    out = []
+    for run in store.runs(states={"succeeded", "failed"}):
+        ran = run.state == "succeeded"
+        if not ran and not ran_out_of_memory(run.reason):
+            continue
+        resolved = ResolvedRun.model_validate_json(run.resolved_json)
+        shape = experiment_shape(resolved.experiment, Path(resolved.job_dir))
+        if shape is None or (not ran and len(resolved.stages) != 1):
+            continue
+        exp = resolved.experiment
+        processes = resolved.world_size
+        for stage in resolved.stages:
+            out.append(MemoryOutcome(
+                host=run.host, profile=run.profile, shape=shape, seq_len=stage.seq_len, precision=resolved.precision,
+                micro_batch=stage.micro_batch, accumulates=stage.grad_accum > 1,
+                gradient_checkpointing=exp.train.gradient_checkpointing, lora=exp.lora is not None,
+                optimizer=exp.train.optimizer, quantization=exp.quantization, compile=resolved.compile,
+                processes=processes, parallelism=resolved.parallelism if processes > 1 else "single", ran=ran,
+                source=f"run {run.id}", at=run.ended_at or run.updated_at))
+    return out
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A ``ThroughputSource`` backed by measurements; empty means the catalog decides."""
 
     observations: tuple[Observation, ...]
+    outcomes: tuple[MemoryOutcome, ...] = ()
 
     @classmethod
     def from_store(cls, store: Store) -> Calibration:
-        """Every stable probe and every succeeded run that is not a probe's own run."""
+        """Every stable probe and every succeeded run that is not a probe's own run; every run that ran or
+        ran out of memory."""
         from runner.capacity import probe_observations, probe_run_ids
 
         probes = probe_observations(store)
-        return cls(tuple(probes + run_observations(store, exclude=probe_run_ids(store))))
+        return cls(tuple(probes + run_observations(store, exclude=probe_run_ids(store))),
+                   tuple(memory_outcomes(store)))
+
+    def memory_outcomes(self) -> tuple[MemoryOutcome, ...]:
+        return self.outcomes
 
     def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str, *,
                  lora: bool = False, gradient_checkpointing: bool = False, gpus: int = 1,

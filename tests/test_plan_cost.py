@@ -85,6 +85,9 @@ class Calibrated:
     def measured(self, host, profile, shape, seq_len, precision, **training):
         return Measured(tokens_per_s=100_000, source="calibrated from 3 runs on a100") if host == "a100" else None
 
+    def memory_outcomes(self):
+        return ()
+
 
 def test_measured_throughput_replaces_the_catalog_assumption():
     plan = plan_job(fin_news(), "a100", inventory=INVENTORY, throughput=Calibrated())

@@ -17,7 +17,7 @@ from runner.hosts import Hardware, Host, Inventory, NotProbed, hardware, load_in
 from runner.plan.budget import Budget, Coverage, PhaseBudget, plan_budget
 from runner.plan.cost import Measured, ThroughputSource, estimate_cost
 from runner.plan.fixes import Fix, Variant, budget_fixes, memory_fixes
-from runner.plan.measured import memory_check
+from runner.plan.measured import measured_outcome, memory_check
 from runner.plan.memory import LoraShape, MemoryBreakdown, estimate_memory, lora_targets
 from runner.presets import ModelShape
 from runner.resolved import ResolvedRun, StagePlan
@@ -184,12 +184,14 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
 
     world = train.gpus * train.nodes
     parallelism = "single"  # set below to DDP or FSDP for several processes
+    outcomes = throughput.memory_outcomes() if throughput else ()
 
     def trial(seq_len: int, variant: Variant, layout: str | None = None) -> MemoryBreakdown:
-        """One GPU's memory for this stage and variant, under ``layout`` (default: the picked parallelism)."""
+        """One GPU's memory for this stage and variant, under ``layout`` (default: the picked parallelism),
+        with the run on this host that decides its fit, where there is one."""
         lora_shape = lora or (LoraShape(16, lora_targets(shape, "auto")) if variant.lora else None)
         layout = layout or parallelism
-        return estimate_memory(
+        estimate = estimate_memory(
             shape, seq_len=seq_len, micro_batch=variant.micro_batch, precision=precision, device=prof.device,
             capacity_bytes=hw.capacity_bytes, memory_bytes=hw.memory_bytes, usable_share=prof.usable_share,
             runtime_bytes=prof.runtime_bytes, optimizer=variant.optimizer,
@@ -197,6 +199,9 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
             lora=lora_shape, quantization=variant.quantization,
             shards=world if layout == "fsdp" and lora_shape is None else 1, gradient_buckets=layout == "ddp",
             compiled=compile_)
+        outcome = measured_outcome(outcomes, hw.host, prof.id, shape, seq_len, precision, variant, compile=compile_,
+                                   processes=world, parallelism=layout)
+        return replace(estimate, outcome=outcome) if outcome else estimate
 
     def variant(micro_batch: int, grad_accum: int) -> Variant:
         return Variant(micro_batch, grad_accum, train.gradient_checkpointing, train.optimizer,
@@ -225,16 +230,23 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         shapes = [(seq_len, micro, accum, "train")]
 
     memories = [trial(seq, variant(mb, acc)) for seq, mb, acc, _ in shapes]
-    worst = min(range(len(memories)), key=lambda i: memories[i].margin_bytes)
-    memory = memories[worst]
     fits = all(m.fits for m in memories)
+    # The stage that decides: one that does not fit, the least room first; else the least room.
+    worst = min(range(len(memories)), key=lambda i: (memories[i].fits, memories[i].margin_bytes))
+    memory = memories[worst]
+    need = f"{format_bytes(memory.required_bytes)} of the {format_bytes(memory.capacity_bytes)} usable"
+    stage = f" (stage at seq_len {shapes[worst][0]})" if spec.curriculum else ""
     if not fits:
         seq, mb, acc, where = shapes[worst]
-        stage = f" (stage at seq_len {seq})" if spec.curriculum else ""
-        reasons.append(f"needs {format_bytes(memory.required_bytes)} but {hw.host} has {format_bytes(memory.capacity_bytes)} "
-                       f"usable{stage}: {format_bytes(-memory.margin_bytes)} short")
+        if memory.outcome is not None:
+            reasons.append(f"{memory.outcome.said()}{stage}; the estimate needs {need}")
+        else:
+            reasons.append(f"needs {format_bytes(memory.required_bytes)} but {hw.host} has "
+                           f"{format_bytes(memory.capacity_bytes)} usable{stage}: {format_bytes(-memory.margin_bytes)} short")
         fixes.extend(memory_fixes(variant(mb, acc), lambda v: trial(seq, v), stage_field=where,
                                   pretrained=pretrained))
+    elif memory.outcome is not None and memory.margin_bytes < AUTO_MARGIN * memory.capacity_bytes:
+        warnings.append(f"the estimate needs {need}{stage}, and {memory.outcome.said()}")
     elif memory.margin_bytes < AUTO_MARGIN * memory.capacity_bytes:
         warnings.append(f"only {format_bytes(memory.margin_bytes)} to spare; the estimate is good to about 10%")
 
@@ -337,7 +349,7 @@ def _auto_batch(trial, hw: Hardware, seq_len: int, grad_accum: int, tokens_per_s
 
     def ok(mb: int) -> bool:  # with the accumulation it will get: more than one keeps gradients resident
         m = trial(mb, math.ceil(target / mb) if target else grad_accum)
-        return m.margin_bytes >= AUTO_MARGIN * m.capacity_bytes
+        return m.fits and m.margin_bytes >= AUTO_MARGIN * m.capacity_bytes
 
     low, high = 1, limit  # the answer is 1 even when nothing fits: the plan then says so
     while low < high:  # memory grows with the micro-batch: bisect for the largest that is ok

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from runner.presets import ModelShape
+
+if TYPE_CHECKING:
+    from runner.plan.measured import MemoryOutcome
 
 
 KNEE_MARGIN = 0.15  # a few per cent of noise in two timings is about 10% where their line is extended down
@@ -121,7 +124,11 @@ class ThroughputSource(Protocol):
     the precision does, so they are part of the question. The answer holds for any
     micro-batch (its fixed cost per micro-batch covers the difference);
     ``micro_batch`` picks the peak memory measured at that micro-batch.
+    ``memory_outcomes`` are the runs and probes that ran, or ran out of memory,
+    with what they trained (``runner.plan.measured``).
     """
+
+    def memory_outcomes(self) -> Sequence[MemoryOutcome]: ...
 
     def measured(self, host: str, profile: str, shape: ModelShape, seq_len: int, precision: str, *,
                  lora: bool = False, gradient_checkpointing: bool = False,

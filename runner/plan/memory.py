@@ -36,9 +36,12 @@ docs/benchmarks.md, "GPU memory", has the tables, and ``bench/results/`` the raw
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from runner.presets import ModelShape
+
+if TYPE_CHECKING:
+    from runner.plan.measured import MemoryOutcome
 
 Device = Literal["cuda", "mps", "cpu"]
 
@@ -206,6 +209,7 @@ class MemoryBreakdown:
     final_norm_bytes: int = 0  # what the final norm saves for backward, in activations_bytes
     cap_slack_bytes: int = 0  # pages the allocator cannot give back at a full card (CHECKPOINTING_CAP_SLACK_BYTES)
     chunked_loss: bool = True  # the trainer's chunked loss; False: the loss torch.compile fuses
+    outcome: MemoryOutcome | None = None  # a run of this job on the host that decides the verdict (plan.measured)
 
     @property
     def backward_peak_bytes(self) -> int:
@@ -271,6 +275,9 @@ class MemoryBreakdown:
 
     @property
     def fits(self) -> bool:
+        """What a run of this job on the host did, where one decides it; else the estimate."""
+        if self.outcome is not None:
+            return self.outcome.ran
         return self.margin_bytes >= 0
 
     def rows(self) -> list[tuple[str, int, str]]:
