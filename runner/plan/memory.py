@@ -411,8 +411,9 @@ def estimate_memory(
     recompute = 0
     if gradient_checkpointing:
         kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
+        mlp_bytes = RECOMPUTE_MLP_BYTES[kind] * (1 if autocast else 2)  # gradients in the compute dtype
         recompute = int(per_layer * (1 + RECOMPUTE_TEMPORARIES[kind])
-                        + RECOMPUTE_MLP_BYTES[kind] * tokens * shape.intermediate
+                        + mlp_bytes * tokens * shape.intermediate
                         + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers)
 
     cap_slack = CHECKPOINTING_CAP_SLACK_BYTES if gradient_checkpointing and device == "cuda" else 0
@@ -470,9 +471,14 @@ def activation_mode(*, autocast: bool, half_base: bool, compiled: bool) -> str:
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, mode: str) -> float:
-    """Bytes one layer saves for backward per token (SDPA attention: no seq^2 term)."""
+    """Bytes one layer saves for backward per token (SDPA attention: no seq^2 term).
+
+    In fp32 the trainer repeats grouped key and value heads for SDPA
+    (``runner.trainer.models.grouped_heads_repeated_in_fp32``): they are as wide as
+    the queries.
+    """
     c_h, c_kv, c_i = _ACTIVATION[("gpt2" if shape.arch == "gpt2" else "llama", mode)]
-    kv = shape.kv_heads * shape.head_dim
+    kv = shape.hidden if mode == "fp32" else shape.kv_heads * shape.head_dim
     return c_h * shape.hidden + c_kv * kv + c_i * shape.intermediate
 
 
