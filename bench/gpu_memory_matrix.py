@@ -242,6 +242,9 @@ def fit_bases(part: str) -> list[Config]:
             c("d20", 1024, 1, "fp32", checkpointing=True),
             c("llama-1b", 1024, 1, "fp32", checkpointing=True),
             c("factorized-197m", 1024, 1, "bf16", compile=True),
+            # out of sample for the fp32 refit (the MLP's recompute, no cap slack)
+            c("llama-160m", 1024, 1, "fp32", checkpointing=True),
+            c("d12", 1024, 1, "fp32", checkpointing=True),
         ]
     else:
         bases = [
@@ -270,6 +273,9 @@ def fit_bases(part: str) -> list[Config]:
             # out of sample too, run with the cap one allocator page lower: fp32 with checkpointing
             c("llama-160m", 2048, 1, "fp32", checkpointing=True),
             c("d12", 2048, 1, "fp32", checkpointing=True),
+            # out of sample for the fp32 refit (the MLP's recompute, no cap slack)
+            c("d20", 2048, 1, "fp32", checkpointing=True),
+            c("llama-1b", 2048, 1, "fp32", checkpointing=True),
         ]
     return [replace(b, profile=FIT_PROFILES[part], warmup_steps=1, timed_steps=2) for b in bases]
 

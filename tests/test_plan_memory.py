@@ -145,6 +145,36 @@ def test_a_checkpointed_backward_peaks_at_the_top_or_the_bottom_layer_with_one_l
     assert m.backward_peak_bytes == m.weights_bytes + m.optimizer_bytes + max(top, bottom) + m.recompute_bytes
 
 
+@pytest.mark.parametrize("shape, seq_len, micro_batch, measured_mib", [
+    # fp32, read off torch's memory history on an H200, 2026-12-01: bench/results/memory-peak-fp32-h200-2026-12-01.json.
+    # The recomputed MLP holds one more fp32 tensor of its width than a bf16 one does two-byte ones.
+    ("d12", 2048, 64, 16985), ("d12", 2048, 128, 31582), ("d20", 1024, 48, 17950), ("llama-160m", 2048, 64, 19698),
+    ("llama-160m", 1024, 96, 15280), ("llama-1b", 1024, 16, 19998)])
+def test_an_fp32_checkpointed_backward_holds_the_mlps_gradients_in_fp32(shape, seq_len, micro_batch, measured_mib):
+    m = memory(shape, seq_len=seq_len, micro_batch=micro_batch, gradient_checkpointing=True, precision="fp32")
+    assert -0.01 <= (m.allocated_bytes - measured_mib * 2**20) / GiB <= 0.12
+
+
+def test_fp32_attention_counts_grouped_key_and_value_heads_repeated():
+    # llama-1b has 4 key/value heads for 32 query heads; in fp32 the trainer repeats them for SDPA's
+    # memory-efficient kernel, which saves them at full width (28,577 MiB measured at 4 x 1024, not checkpointed:
+    # the model says 0.1 GiB, 0.4%, less).
+    fp32, bf16 = memory("llama-1b", precision="fp32", micro_batch=4), memory("llama-1b", micro_batch=4)
+    shape = lookup_preset("llama-1b")
+    assert fp32.activations_per_layer_bytes - 2 * bf16.activations_per_layer_bytes == pytest.approx(
+        8 * 4 * 1024 * (shape.hidden - shape.kv_heads * shape.head_dim) + 4 * 1024 * (32 - 2 * 30) * shape.hidden
+        + 4 * 1024 * (16 - 2 * 8) * shape.intermediate, abs=4096)
+    assert -0.11 <= (fp32.allocated_bytes - 28577 * 2**20) / GiB <= 0.1
+
+
+def test_a_compiled_factorized_layer_keeps_its_two_residuals_in_bf16():
+    # factorized-197m compiled at seq 1024 on an H200 (bench/results/gpu-fp32-h200-2026-12-01.json): b33 held
+    # 21,087 MiB, b36 22,758; counted as fp32 residuals they came out 8.9% high.
+    for micro_batch, measured_mib in ((33, 21087), (36, 22758)):
+        factorized = memory("factorized-197m", micro_batch=micro_batch, compiled=True)
+        assert -0.01 <= (factorized.allocated_bytes - measured_mib * 2**20) / (measured_mib * 2**20) <= 0.01
+
+
 def test_a_factorized_models_residual_stream_is_in_the_compute_dtype():
     # Its up-projection runs under autocast, so every layer's input is bf16 where a LLaMA's is fp32.
     factorized = memory("factorized-197m", micro_batch=64, gradient_checkpointing=True)
@@ -191,8 +221,9 @@ def test_a_checkpointed_step_at_a_full_card_also_needs_the_pages_the_allocator_c
         m = memory(shape, micro_batch=micro_batch, gradient_checkpointing=True, capacity_bytes=24 * GiB)
         assert m.cap_slack_bytes == int(0.1 * GiB)
         assert m.required_bytes == m.allocated_bytes + m.cap_slack_bytes + m.runtime_bytes
-    # Without checkpointing every boundary held with no slack; off CUDA the peak decides.
+    # Without checkpointing every boundary held with no slack, and so did fp32 with it; off CUDA the peak decides.
     assert memory("d12", seq_len=2048, micro_batch=7).cap_slack_bytes == 0
+    assert memory("d12", micro_batch=160, gradient_checkpointing=True, precision="fp32").cap_slack_bytes == 0
     on_mps = memory(device="mps", precision="fp32", gradient_checkpointing=True)
     assert on_mps.cap_slack_bytes == 0 and on_mps.required_bytes == on_mps.peak_bytes
 

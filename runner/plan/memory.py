@@ -118,7 +118,12 @@ CHECKPOINTING_LOSS_HEADROOM = 0.10
 # and +0.03. factorized-197m's three runs come out 0.27 GiB (1.6%) high. GPT-2's GELU is a
 # python formula with temporaries of the MLP's width; LLaMA's SiLU is one op.
 RECOMPUTE_TEMPORARIES = {"gpt2": 0.48, "llama": 0.0, "half-base": 0.4}
-RECOMPUTE_MLP_BYTES = {"gpt2": 0, "llama": 4.125, "half-base": 0}
+# In fp32 (H200, 2026-12-01: d12 and llama-160m at seq 2048, d20 and llama-160m at seq 1024,
+# micro-batch 48 to 128, read off torch's memory history) the MLP holds one more fp32 tensor of
+# its width: 8.125 B, within -7 and +20 MiB of those peaks (0.1%); llama-1b, whose grouped key
+# and value heads fp32 repeats, comes out 0.1 GiB high.
+RECOMPUTE_MLP_BYTES = {("gpt2", True): 0, ("llama", True): 4.125, ("half-base", True): 0,
+                       ("gpt2", False): 0, ("llama", False): 8.125}  # keyed by (kind, autocast)
 RECOMPUTE_BYTES_PER_LAYER_PARAM = {"gpt2": 10, "llama": 3.5, "half-base": 0.5}
 # Taken on CUDA beyond the catalog's context figure (measured right after the context is
 # made): kernels loaded lazily by the first training step, 240 MiB outside torch's
@@ -135,7 +140,9 @@ CUBLAS_WORKSPACE_BYTES = 64 * 2**20
 # of room above their predicted peak (d12 seq 1024 b237); 38 of the 41 that ran had 0.103
 # GiB or more (d12 twice with 0.031, factorized-197m, overestimated, with 0.02). 0.1 GiB
 # lies between. Without checkpointing every boundary held with no slack (a run with 0.015
-# GiB of room ran).
+# GiB of room ran), and so did fp32 with checkpointing (d20 and llama-1b at seq 1024 on the
+# 24 GB cap, llama-160m and d12 at seq 2048 on the 40 GB one, capped one allocator page
+# lower: d12 b160 ran with 0.001 GiB, llama-1b b25 with 0.062; with 0.1 GiB both were refused).
 CHECKPOINTING_CAP_SLACK_BYTES = int(0.1 * 2**30)
 
 
@@ -385,7 +392,7 @@ def estimate_memory(
     half_base = lora is not None and autocast and device != "cpu"
     residual_bytes = 2 if (half_base or (shape.embedding_dim and autocast and device != "cpu")) else 4
     mode = activation_mode(autocast=autocast, half_base=half_base, compiled=compiled and device == "cuda")
-    per_layer = int(tokens * activation_bytes_per_token_layer(shape, mode))
+    per_layer = int(tokens * activation_bytes_per_token_layer(shape, mode, residual_bytes))
     final_norm = tokens * shape.hidden * (residual_bytes * 2 + (2 if autocast else 0))
     if gradient_checkpointing:
         # Each layer keeps its input; backward recomputes one layer at a time (backward_peak_bytes).
@@ -411,12 +418,11 @@ def estimate_memory(
     recompute = 0
     if gradient_checkpointing:
         kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
-        mlp_bytes = RECOMPUTE_MLP_BYTES[kind] * (1 if autocast else 2)  # gradients in the compute dtype
         recompute = int(per_layer * (1 + RECOMPUTE_TEMPORARIES[kind])
-                        + mlp_bytes * tokens * shape.intermediate
+                        + RECOMPUTE_MLP_BYTES[kind, autocast] * tokens * shape.intermediate
                         + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers)
 
-    cap_slack = CHECKPOINTING_CAP_SLACK_BYTES if gradient_checkpointing and device == "cuda" else 0
+    cap_slack = CHECKPOINTING_CAP_SLACK_BYTES if gradient_checkpointing and autocast and device == "cuda" else 0
 
     partial = MemoryBreakdown(
         params=params, trainable_params=trainable, weights_bytes=weights, weight_copies_bytes=copies,
@@ -470,14 +476,18 @@ def activation_mode(*, autocast: bool, half_base: bool, compiled: bool) -> str:
     return "half-base" if half_base else "autocast"
 
 
-def activation_bytes_per_token_layer(shape: ModelShape, mode: str) -> float:
+def activation_bytes_per_token_layer(shape: ModelShape, mode: str, residual_bytes: int = 4) -> float:
     """Bytes one layer saves for backward per token (SDPA attention: no seq^2 term).
 
     In fp32 the trainer repeats grouped key and value heads for SDPA
     (``runner.trainer.models.grouped_heads_repeated_in_fp32``): they are as wide as
-    the queries.
+    the queries. A compiled layer keeps its two residuals in the residual stream's
+    dtype: 2 B after a factorized embedding (factorized-197m compiled at seq 1024,
+    b32 and b33 on an H200, 2026-12-01: within 0.5%; 8.8% high at 4 B).
     """
     c_h, c_kv, c_i = _ACTIVATION[("gpt2" if shape.arch == "gpt2" else "llama", mode)]
+    if mode == "compiled":
+        c_h -= 2 * (4 - residual_bytes)
     kv = shape.hidden if mode == "fp32" else shape.kv_heads * shape.head_dim
     return c_h * shape.hidden + c_kv * kv + c_i * shape.intermediate
 
