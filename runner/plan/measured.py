@@ -70,7 +70,7 @@ class MemoryOutcome:
     processes: int
     parallelism: str  # single | ddp | fsdp
     ran: bool  # False: it ran out of memory
-    source: str  # "run 20261201-101500-1a2b", "probe of d12 at seq 1024"
+    source: str  # "run 261201-101500-1a2b" (a probe's run too)
     at: float  # epoch seconds
 
     def said(self) -> str:

@@ -483,7 +483,8 @@ def activation_bytes_per_token_layer(shape: ModelShape, mode: str, residual_byte
     (``runner.trainer.models.grouped_heads_repeated_in_fp32``): they are as wide as
     the queries. A compiled layer keeps its two residuals in the residual stream's
     dtype: 2 B after a factorized embedding (factorized-197m compiled at seq 1024,
-    b32 and b33 on an H200, 2026-12-01: within 0.5%; 8.8% high at 4 B).
+    b32 to b36 on an H200, 2026-12-01: within 0.5%; 8.8% high at 4 B) and, not
+    measured, over a LoRA's half-precision base.
     """
     c_h, c_kv, c_i = _ACTIVATION[("gpt2" if shape.arch == "gpt2" else "llama", mode)]
     if mode == "compiled":
