@@ -9,7 +9,8 @@ Conventions (the trainer's, and so this model's):
   CPU and MPS) or 8/4-bit, and trains fp32 adapters with their own AdamW states;
 - adamw8bit keeps 2 B/param of state; sgd keeps its momentum, 4 B/param;
 - AdamW is fused on CUDA (no temporaries) and foreach elsewhere;
-- attention is SDPA/flash: activations grow with seq, never seq^2.
+- attention is SDPA/flash: activations grow with seq, never seq^2 (in fp32 the
+  trainer repeats grouped key and value heads so that SDPA can keep it so).
 
 Several GPUs: under DDP every GPU holds all of the above; gradients are views into
 DDP's buckets (``gradient_as_bucket_view``), which are allocated once and never
@@ -28,8 +29,9 @@ H100 80GB (torch 2.11+cu130, transformers 5.17) on 2026-11-24, measured by
 ``bench/gpu_memory_matrix.py``; those for torch.compile were refitted on an H200
 on 2026-12-01, where the trainer first ran with expandable segments, and those for
 the eager loss on the same day, once eager jobs ran the chunked loss, and those for the
-checkpointed backward and a full card's slack last, once the trainer made its optimizer
-states before the first step (``bench/memory_peak.py`` read what is alive at the peak).
+checkpointed backward and a full card's slack once the trainer made its optimizer
+states before the first step (``bench/memory_peak.py`` read what is alive at the peak),
+and those for fp32 with checkpointing and compiled factorized models last.
 docs/benchmarks.md, "GPU memory", has the tables, and ``bench/results/`` the raw figures.
 """
 
