@@ -354,10 +354,7 @@ def render_breakdown(out: Console, plan: Plan) -> None:
     share = "unified memory" if m.device == "mps" else "memory"
     table.add_row("capacity", format_bytes(m.capacity_bytes),
                   f"{m.usable_share:.0%} of {format_bytes(m.memory_bytes)} {share}")
-    verdict = "fits" if m.fits else "does not fit"
-    margin = f"{'spare' if m.margin_bytes >= 0 else 'short'}"
-    table.add_row("[bold]verdict[/bold]", format_bytes(abs(m.margin_bytes)),
-                  f"{verdict}: {m.outcome.said()}; by the estimate: {margin}" if m.outcome else f"{verdict}: {margin}")
+    table.add_row("[bold]verdict[/bold]", format_bytes(abs(m.margin_bytes)), m.verdict())
     out.print(table)
     out.print(f"  throughput: {plan.throughput_source}; hardware: {plan.hardware_source}; "
               f"{plan.model_flops:.3g} training FLOPs")

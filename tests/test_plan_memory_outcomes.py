@@ -149,3 +149,12 @@ def test_runner_plan_refuses_a_micro_batch_that_ran_out_of_memory_on_the_host_an
     assert f"micro-batch 16 ran out of memory on rtx4090 (run {run_id})" in out
     assert "--set train.batch_size=8 --set train.grad_accum=2" in out
     assert main([*argv, "--set", "train.batch_size=8"]) == 0  # a smaller micro-batch is the estimate's to judge
+
+
+def test_the_breakdowns_verdict_says_what_decided_it(edge):
+    assert plan(edge).memory.verdict() == "fits: spare"
+    assert plan(edge + 1).memory.verdict() == "does not fit: short"
+    assert plan(edge, outcome(edge, ran=False)).memory.verdict() == (
+        f"does not fit: micro-batch {edge} ran out of memory on rtx4090 (run r-{edge}); by the estimate: spare")
+    assert plan(edge + 1, outcome(edge + 1, ran=True)).memory.verdict() == (
+        f"fits: micro-batch {edge + 1} ran on rtx4090 (run r-{edge + 1}); by the estimate: short")

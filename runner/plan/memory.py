@@ -289,6 +289,12 @@ class MemoryBreakdown:
             return self.outcome.ran
         return self.margin_bytes >= 0
 
+    def verdict(self) -> str:
+        """The breakdown's last words: fits or not, and what decided it (``margin_bytes`` beside them)."""
+        said = ("fits" if self.fits else "does not fit") + ": "
+        margin = "spare" if self.margin_bytes >= 0 else "short"
+        return said + (f"{self.outcome.said()}; by the estimate: {margin}" if self.outcome else margin)
+
     def rows(self) -> list[tuple[str, int, str]]:
         """(term, bytes, note) for display, in the order memory is taken."""
         ckpt = "with" if self.gradient_checkpointing else "without"

@@ -248,7 +248,5 @@ def _detail(plan: Plan) -> Table | str:
     share = "unified memory" if m.device == "mps" else "memory"
     table.add_row("capacity", format_bytes(m.capacity_bytes),
                   f"{m.usable_share:.0%} of {format_bytes(m.memory_bytes)} {share}")
-    verdict = "fits" if m.fits else "does not fit"
-    table.add_row(Text("verdict", style="bold"), format_bytes(abs(m.margin_bytes)),
-                  f"{verdict}: {'spare' if m.fits else 'short'}")
+    table.add_row(Text("verdict", style="bold"), format_bytes(abs(m.margin_bytes)), m.verdict())
     return Group(*notes, table)
