@@ -56,8 +56,9 @@ from runner.presets import ModelShape
 from runner.units import format_count
 
 if TYPE_CHECKING:
+    from runner.resolved import ResolvedRun
     from runner.spec import Experiment
-    from runner.store import Store
+    from runner.store import Run, Store
 
 NEWEST = 5  # observations averaged per shape and micro-batch: recent runs reflect the host's current software
 
@@ -108,16 +109,26 @@ def experiment_shape(experiment: Experiment, job_dir: Path) -> ModelShape | None
     return presets.with_overrides(shape, dict(model.overrides)) if shape is not None else None
 
 
-def run_observations(store: Store, *, exclude: set[str] = frozenset()) -> list[Observation]:
-    """One observation per succeeded run with a measured rate (``exclude``: run ids counted elsewhere)."""
+def readable(run: Run) -> ResolvedRun | None:
+    """A stored run as it was resolved, or None where this version cannot read it (a store outlives versions)."""
+    from pydantic import ValidationError
+
     from runner.resolved import ResolvedRun
 
+    try:
+        return ResolvedRun.model_validate_json(run.resolved_json)
+    except ValidationError:
+        return None
+
+
+def run_observations(store: Store, *, exclude: set[str] = frozenset()) -> list[Observation]:
+    """One observation per succeeded run with a measured rate (``exclude``: run ids counted elsewhere)."""
     out = []
     for run in store.runs(states={"succeeded"}):
         if run.id in exclude or not run.tokens_per_s or not run.tokens:
             continue
-        resolved = ResolvedRun.model_validate_json(run.resolved_json)
-        if len(resolved.stages) != 1:
+        resolved = readable(run)
+        if resolved is None or len(resolved.stages) != 1:
             continue
         shape = experiment_shape(resolved.experiment, Path(resolved.job_dir))
         if shape is None:
@@ -140,16 +151,16 @@ def ran_out_of_memory(reason: str) -> bool:
 
 def memory_outcomes(store: Store) -> list[MemoryOutcome]:
     """Every stage of a succeeded run ran; a one-stage run that failed out of memory did not (probes' runs too)."""
-    from runner.resolved import ResolvedRun
-
     out = []
     for run in store.runs(states={"succeeded", "failed"}):
         ran = run.state == "succeeded"
         if not ran and not ran_out_of_memory(run.reason):
             continue
-        resolved = ResolvedRun.model_validate_json(run.resolved_json)
+        resolved = readable(run)
+        if resolved is None or (not ran and len(resolved.stages) != 1):
+            continue
         shape = experiment_shape(resolved.experiment, Path(resolved.job_dir))
-        if shape is None or (not ran and len(resolved.stages) != 1):
+        if shape is None:
             continue
         exp = resolved.experiment
         processes = resolved.world_size

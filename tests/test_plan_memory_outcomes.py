@@ -129,6 +129,15 @@ def test_the_run_store_gives_runs_that_ran_and_those_that_ran_out_of_memory(tmp_
                                       "seq 1024): CUDA out of memory. Tried to allocate 1.50 GiB.")
     ok = record(store, 8, "succeeded", "budget_reached: 12207 steps, 100M tokens")
     record(store, 12, "failed", "the trainer exited with code 1: FileNotFoundError: news.jsonl")
+    # A run an older version wrote, which this one cannot read, is left out rather than failing every plan.
+    unreadable = store.create(job_file="old.yaml", experiment="old", resolved_json='{"stages": "?"}', host="rtx4090",
+                              profile="rtx-4090", backend="docker")
+    store.transition(unreadable.id, "failed", "out of memory: the kernel killed the trainer (OOMKilled)")
+    finished = store.create(job_file="old.yaml", experiment="old", resolved_json="{}", host="rtx4090",
+                            profile="rtx-4090", backend="docker")
+    for state in ("starting", "running"):
+        store.transition(finished.id, state, state)
+    store.transition(finished.id, "succeeded", "budget_reached", tokens_per_s=1000.0, tokens=10**6)
     got = {(o.micro_batch, o.ran, o.source) for o in Calibration.from_store(store).memory_outcomes()}
     store.close()
     assert got == {(16, False, f"run {oom}"), (8, True, f"run {ok}")}
