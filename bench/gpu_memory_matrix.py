@@ -387,13 +387,6 @@ def smi_process_bytes() -> int | None:
     return next((used for pid, used in smi_apps() if pid == str(os.getpid())), None)
 
 
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    # torch.compile wraps an OOM raised while it compiles or autotunes in its own RuntimeError.
-    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
-
-
 def run_one(config: Config, device_kind: str) -> dict:
     """Train the configuration for a few steps; memory, step times and the outcome."""
     import numpy as np
@@ -401,6 +394,7 @@ def run_one(config: Config, device_kind: str) -> dict:
     import transformers
 
     from runner.trainer.engine import Engine, init_optimizer_state, make_optimizer, set_fast_math
+    from runner.trainer.loop import is_out_of_memory
     from runner.trainer.metrics import peak_memory_bytes
     from runner.trainer.models import build_model
 
@@ -496,7 +490,7 @@ def run_one(config: Config, device_kind: str) -> dict:
         out["timed_wall_s"] = time.perf_counter() - began
         out["phase"] = "done"
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
-        if not is_oom(exc):
+        if not is_out_of_memory(exc):
             raise
         # Whole: torch's message says what was allocated and what was mapped but free at the failed request.
         out.update(status="oom", error=str(exc).strip().splitlines()[0][:1000])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.calibration import Calibration
+from runner.calibration import Calibration, Observation
 from runner.cli import main
 from runner.hosts import Host, Inventory, hardware
 from runner.plan import plan_job, resolve
@@ -167,3 +167,17 @@ def test_the_breakdowns_verdict_says_what_decided_it(edge):
         f"does not fit: micro-batch {edge} ran out of memory on rtx4090 (run r-{edge}); by the estimate: spare")
     assert plan(edge + 1, outcome(edge + 1, ran=True)).memory.verdict() == (
         f"fits: micro-batch {edge + 1} ran on rtx4090 (run r-{edge + 1}); by the estimate: short")
+
+
+def test_a_measured_peak_over_the_usable_memory_only_warns_where_that_micro_batch_ran(edge):
+    # The peak a run reports counts the allocator's cache, which a full card gives back: the run itself decides.
+    capacity = plan(edge).memory.capacity_bytes
+    peak = Observation(host="rtx4090", profile="rtx-4090", shape=GPT2, seq_len=1024, precision="bf16",
+                       tokens_per_s=50_000.0, peak_bytes=capacity + 2**30, overhead_s=0.0, kind="run", at=1.0,
+                       gradient_checkpointing=True, compile=True, micro_batch=edge)
+    job = fin_news(edge)
+    refused = plan_job(job, "rtx4090", inventory=INVENTORY, throughput=Calibration((peak,), ()))
+    assert not refused.passes and refused.reasons[0].startswith("measured peak ")
+    ran = plan_job(job, "rtx4090", inventory=INVENTORY, throughput=Calibration((peak,), (outcome(edge, ran=True),)))
+    assert ran.passes and any(w.startswith("measured peak ") and w.endswith(f"though micro-batch {edge} ran on rtx4090 "
+                                                                             f"(run r-{edge})") for w in ran.warnings)

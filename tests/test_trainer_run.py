@@ -201,3 +201,14 @@ def test_a_step_too_big_for_the_gpu_ends_the_run_out_of_memory_in_that_step(tmp_
     assert summary.error.startswith("out of memory in step 1 (micro-batch 2048 at seq 32): CUDA out of memory. "
                                     "Tried to allocate ")
     assert "If reserved" not in summary.error and summary.peak_bytes <= held + 96 * 2**20
+
+
+def test_running_out_of_memory_in_an_evaluation_says_so(tmp_path, monkeypatch):
+    from runner.trainer.engine import Engine
+
+    def evaluate(self, *args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(Engine, "evaluate", evaluate)
+    summary = train(resolved_run([(32, 4, 1, 5)]), tmp_path)  # evaluates on start
+    assert summary.error.startswith("out of memory in the evaluation after step 0: CUDA out of memory.")

@@ -96,7 +96,8 @@ def train(resolved: ResolvedRun, run_dir: Path) -> Summary:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's out-of-memory error, or MPS's (a RuntimeError in some torch versions)."""
+    """CUDA's out-of-memory error, or one wrapped in a RuntimeError: MPS's in some torch versions, and
+    torch.compile's when it runs out while it compiles or autotunes."""
     return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))
 
 
@@ -171,6 +172,7 @@ class Run:
 
     def out_of_memory(self, exc: BaseException) -> str:
         """One line for the summary and the run store: where it ran out, and the device's own figures.
+        The summary also gets the steps done and the peak memory reached.
 
         torch's advice on the allocator's settings is left out (the trainer sets them), and so
         are the other processes it lists on the GPU.
