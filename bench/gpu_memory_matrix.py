@@ -245,6 +245,10 @@ def fit_bases(part: str) -> list[Config]:
             # out of sample for the fp32 refit (the MLP's recompute, no cap slack)
             c("llama-160m", 1024, 1, "fp32", checkpointing=True),
             c("d12", 1024, 1, "fp32", checkpointing=True),
+            # out of sample for the 2 B residual stream of a factorized embedding, eager
+            c("factorized-197m", 1024, 1, "bf16"),
+            # out of sample for the output's backward and the cap slack of eager jobs
+            c("gpt2-355m", 512, 1, "bf16"),
         ]
     else:
         bases = [
@@ -276,6 +280,14 @@ def fit_bases(part: str) -> list[Config]:
             # out of sample for the fp32 refit (the MLP's recompute, no cap slack)
             c("d20", 2048, 1, "fp32", checkpointing=True),
             c("llama-1b", 2048, 1, "fp32", checkpointing=True),
+            # out of sample for the 2 B residual stream of a factorized embedding, eager and checkpointed
+            c("factorized-197m", 1024, 1, "bf16"),
+            c("factorized-197m", 1024, 1, "bf16", checkpointing=True),
+            c("factorized-197m", 2048, 1, "bf16", checkpointing=True),
+            # out of sample for the output's backward and the cap slack of eager jobs
+            c("gpt2-124m", 1024, 1, "bf16"),
+            c("llama-160m", 1024, 1, "bf16"),
+            c("d12", 1024, 1, "bf16"),
         ]
     return [replace(b, profile=FIT_PROFILES[part], warmup_steps=1, timed_steps=2) for b in bases]
 

@@ -117,8 +117,9 @@ CHECKPOINTING_LOSS_HEADROOM = 0.10
 # checkpointed LLaMA-family runs (d12, d20, llama-160m, llama-1b; micro-batch 14 to 426,
 # seq 512 to 2048): within -0.02 and +0.065 GiB. GPT-2 (16 runs) and LoRA (9) keep their
 # MLP at one ratio to the width, so one share covers both terms: within -0.015 and +0.06,
-# and +0.03. factorized-197m's three runs come out 0.27 GiB (1.6%) high. GPT-2's GELU is a
-# python formula with temporaries of the MLP's width; LLaMA's SiLU is one op.
+# and +0.03. factorized-197m, whose residual stream is bf16 (a recomputed layer's fp32 copies of
+# its input stand for the residuals, its gradients are 2 B wide), within -0.03 and +0.04% (b159 to
+# b382). GPT-2's GELU is a python formula with temporaries of the MLP's width; LLaMA's SiLU is one op.
 RECOMPUTE_TEMPORARIES = {"gpt2": 0.48, "llama": 0.0, "half-base": 0.4}
 # In fp32 (H200, 2026-12-01: d12 and llama-160m at seq 2048, d20 and llama-160m at seq 1024,
 # micro-batch 48 to 128, read off torch's memory history) the MLP holds one more fp32 tensor of
@@ -134,18 +135,28 @@ RECOMPUTE_BYTES_PER_LAYER_PARAM = {"gpt2": 10, "llama": 3.5, "half-base": 0.5}
 CUDA_KERNELS_BYTES = 240 * 2**20
 CUBLAS_WORKSPACE_BYTES = 64 * 2**20
 # At a full card, expandable segments give back cached memory in whole pages of the
-# large pool (20 MiB), so the part-used pages around free blocks stay mapped: a
-# checkpointed job needs room above its allocated peak for them. Measured on an H200,
-# 2026-12-01, with the optimizer's states made before the first step
-# (``runner.trainer.engine.init_optimizer_state``), the allocator capped at 24 GB and 40 GB:
-# 45 checkpointed runs at or past their boundaries ran out of memory with up to 0.098 GiB
-# of room above their predicted peak (d12 seq 1024 b237); 38 of the 41 that ran had 0.103
-# GiB or more (d12 twice with 0.031, factorized-197m, overestimated, with 0.02). 0.1 GiB
-# lies between. Without checkpointing every boundary held with no slack (a run with 0.015
-# GiB of room ran), and so did fp32 with checkpointing (d20 and llama-1b at seq 1024 on the
-# 24 GB cap, llama-160m and d12 at seq 2048 on the 40 GB one, capped one allocator page
-# lower: d12 b160 ran with 0.001 GiB, llama-1b b25 with 0.062; with 0.1 GiB both were refused).
-CHECKPOINTING_CAP_SLACK_BYTES = int(0.1 * 2**30)
+# large pool (20 MiB), so the part-used pages around free blocks stay mapped: a 16-bit
+# job needs room above its allocated peak for them. Measured on an H200, 2026-12-01, with
+# the optimizer's states made before the first step
+# (``runner.trainer.engine.init_optimizer_state``), the allocator capped at 24 GB and 40 GB
+# one allocator page lower: of the checkpointed runs at or past their boundaries, those
+# that ran out of memory had up to 0.099 GiB of room above their predicted peak
+# (factorized-197m seq 1024 b213), and all but two (d12, 0.031 GiB) of those that ran
+# 0.103 GiB or more. Eager jobs without checkpointing likewise: out of memory with 0.039
+# GiB (factorized-197m b45 at 40 GB, its backward's fp32 temporaries), run with 0.140 or
+# more. 0.1 GiB lies between. Compiled jobs without checkpointing need none (one ran with
+# 0.015 GiB of room), nor does fp32 with checkpointing (d12 b160 ran with 0.001 GiB,
+# llama-1b b25 with 0.062; with 0.1 GiB both were refused).
+CAP_SLACK_BYTES = int(0.1 * 2**30)
+# Without checkpointing, once the loss is done, backward runs through the final norm (LLaMA: in
+# fp32, its input and five fp32 temporaries of the hidden width, 24 B) or GPT-2's last block while
+# every layer's activations are still held: at enough tokens per micro-batch this outgrows the loss's
+# buffers. Read off torch's memory history at the peaks of eager bf16 steps (H200, 2026-12-01):
+# factorized-197m at seq 1024, micro-batch 45 and 64, 25.6-26.0 B per token and hidden width above
+# every layer's activations and the head's gradient (the cuBLAS workspaces, 64 MiB, included); 25
+# comes within 0.1%. GPT-2 124M at micro-batch 40: 55.3. llama-160m at micro-batch 64, d20 at 16 and
+# factorized-197m at 12 peaked in the loss instead, as this predicts.
+OUTPUT_BACKWARD_BYTES = {"llama": 25, "gpt2": 55}  # per token and hidden width
 
 
 @dataclass(frozen=True)
@@ -215,8 +226,9 @@ class MemoryBreakdown:
     head_gradient_bytes: int = 0  # the LM head's gradient, made first in backward (or in the chunked loss)
     embedding_gradient_bytes: int = 0  # an untied token table's gradient, made last
     recompute_bytes: int = 0  # with checkpointing: one layer recomputed and its backward (RECOMPUTE_*)
+    output_backward_bytes: int = 0  # without: the final norm's or last block's backward (OUTPUT_BACKWARD_BYTES)
     final_norm_bytes: int = 0  # what the final norm saves for backward, in activations_bytes
-    cap_slack_bytes: int = 0  # pages the allocator cannot give back at a full card (CHECKPOINTING_CAP_SLACK_BYTES)
+    cap_slack_bytes: int = 0  # pages the allocator cannot give back at a full card (CAP_SLACK_BYTES)
     chunked_loss: bool = True  # the trainer's chunked loss; False: the loss torch.compile fuses
     outcome: MemoryOutcome | None = None  # a run of this job on the host that decides the verdict (plan.measured)
 
@@ -239,7 +251,10 @@ class MemoryBreakdown:
             late = max(self.activations_bytes - self.final_norm_bytes + self.head_gradient_bytes,
                        self.gradients_bytes - self.embedding_gradient_bytes) + self.recompute_bytes
         else:
-            saved = self.weight_copies_bytes + self.activations_bytes + self.logits_bytes
+            # the loss's buffers, or the output's backward over every layer's activations
+            held = self.weight_copies_bytes + self.activations_bytes
+            saved = held + max(self.logits_bytes, self.output_backward_bytes + self.head_gradient_bytes
+                               - self.final_norm_bytes)
             late = self.gradients_bytes
         if self.grad_accum > 1 or self.gradient_buckets:
             return resident + saved + self.gradients_bytes
@@ -401,12 +416,18 @@ def estimate_memory(
     residual_bytes = 2 if (half_base or (shape.embedding_dim and autocast and device != "cpu")) else 4
     mode = activation_mode(autocast=autocast, half_base=half_base, compiled=compiled and device == "cuda")
     per_layer = int(tokens * activation_bytes_per_token_layer(shape, mode, residual_bytes))
-    final_norm = tokens * shape.hidden * (residual_bytes * 2 + (2 if autocast else 0))
+    # The final norm keeps its input in fp32 (a 2 B input: an fp32 copy of it) and its normalised output in
+    # the input's dtype, and the head reads its output cast to the compute dtype; a LoRA's frozen half-precision
+    # norm keeps neither (factorized-197m at seq 1024, micro-batch 24, H200, 2026-12-01: 8h).
+    final_norm = tokens * shape.hidden * (2 * residual_bytes + 2 if half_base or not autocast
+                                          else 4 + residual_bytes + 2)
+    # A factorized embedding's up-projection keeps its input, the table's rows, in the compute dtype.
+    embedding = tokens * (shape.embedding_dim or 0) * (2 if autocast else 4)
     if gradient_checkpointing:
         # Each layer keeps its input; backward recomputes one layer at a time (backward_peak_bytes).
-        activations = shape.layers * tokens * shape.hidden * residual_bytes + final_norm
+        activations = shape.layers * tokens * shape.hidden * residual_bytes + final_norm + embedding
     else:
-        activations = shape.layers * per_layer + final_norm
+        activations = shape.layers * per_layer + final_norm + embedding
     if fused_loss:
         logits = tokens * shape.vocab_size * _COMPILED_LOGITS_BYTES[autocast]
     else:
@@ -426,11 +447,17 @@ def estimate_memory(
     recompute = 0
     if gradient_checkpointing:
         kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
-        recompute = int(per_layer * (1 + RECOMPUTE_TEMPORARIES[kind])
+        # A layer recomputed from a 2 B input keeps fp32 copies of it where an fp32 residual is kept itself,
+        # so it saves what it does from a 4 B one; its gradients are in the residual's dtype.
+        recomputed = tokens * (activation_bytes_per_token_layer(shape, mode)
+                               - (4 - residual_bytes) * shape.hidden * (mode in ("autocast", "compiled")))
+        recompute = int(recomputed * (1 + RECOMPUTE_TEMPORARIES[kind])
                         + RECOMPUTE_MLP_BYTES[kind, autocast] * tokens * shape.intermediate
                         + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers)
 
-    cap_slack = CHECKPOINTING_CAP_SLACK_BYTES if gradient_checkpointing and autocast and device == "cuda" else 0
+    cap_slack = CAP_SLACK_BYTES if autocast and device == "cuda" and (gradient_checkpointing or not compiled) else 0
+    output_backward = 0 if gradient_checkpointing or fused_loss else (
+        OUTPUT_BACKWARD_BYTES["gpt2" if shape.arch == "gpt2" else "llama"] * tokens * shape.hidden)
 
     partial = MemoryBreakdown(
         params=params, trainable_params=trainable, weights_bytes=weights, weight_copies_bytes=copies,
@@ -441,7 +468,7 @@ def estimate_memory(
         base_weight_bytes_per_param=weight_bpp, gradient_checkpointing=gradient_checkpointing, device=device,
         grad_accum=grad_accum, shards=shards, gradient_buckets=gradient_buckets,
         head_gradient_bytes=head_grad, embedding_gradient_bytes=embedding_grad,
-        recompute_bytes=recompute, final_norm_bytes=final_norm,
+        recompute_bytes=recompute, output_backward_bytes=output_backward, final_norm_bytes=final_norm,
         cap_slack_bytes=cap_slack, chunked_loss=not fused_loss,
     )
     headroom = 0
@@ -489,13 +516,16 @@ def activation_bytes_per_token_layer(shape: ModelShape, mode: str, residual_byte
 
     In fp32 the trainer repeats grouped key and value heads for SDPA
     (``runner.trainer.models.grouped_heads_repeated_in_fp32``): they are as wide as
-    the queries. A compiled layer keeps its two residuals in the residual stream's
-    dtype: 2 B after a factorized embedding (factorized-197m compiled at seq 1024,
-    b32 to b36 on an H200, 2026-12-01: within 0.5%; 8.8% high at 4 B) and, not
-    measured, over a LoRA's half-precision base.
+    the queries. A layer under autocast keeps its two residuals in the residual
+    stream's dtype: 2 B after a factorized embedding, whose RMSNorms then keep an
+    fp32 copy of their input and a 2 B normalised output where an fp32 residual
+    stream keeps the residual itself and a 4 B one (factorized-197m at seq 1024 on
+    an H200, 2026-12-01: eager, micro-batch 12 to 64, within -0.6 and -0.1%, 5.8%
+    high at 4 B; compiled, b32 to b36, within -0.2%, 8.8% high at 4 B) and, not
+    measured, compiled over a LoRA's half-precision base.
     """
     c_h, c_kv, c_i = _ACTIVATION[("gpt2" if shape.arch == "gpt2" else "llama", mode)]
-    if mode == "compiled":
+    if mode in ("compiled", "autocast"):
         c_h -= 2 * (4 - residual_bytes)
     kv = shape.hidden if mode == "fp32" else shape.kv_heads * shape.head_dim
     return c_h * shape.hidden + c_kv * kv + c_i * shape.intermediate
