@@ -7,7 +7,8 @@ laid out as transformers' GPT-2 hands them over (batch, seq, heads, head
 contiguous, seen through a transpose) and contiguous per head. Then cuDNN with
 q, k and v as slices of one fused projection's output, as GPT-2 makes them,
 where autograd also assembles the fused gradient, and with the output's
-gradient laid out as GPT-2 returns it too. CUDA events around 20 calls
+gradient laid out as GPT-2 returns it too. FlashAttention 4 (the flash-attn-4
+package, where installed) in both layouts. CUDA events around 20 calls
 back to back, the median of 5 such, after 10 calls; TFLOP/s count causal
 attention only (2·b·h·T²·d forward, 2.5 times that backward). Needs a CUDA GPU; prints a table.
 
@@ -42,6 +43,16 @@ def flex() -> Callable:
     mask = create_block_mask(lambda b, h, q, k: q >= k, None, None, SEQ, SEQ, device="cuda")
     compiled = torch.compile(flex_attention)
     return lambda q, k, v: compiled(q, k, v, block_mask=mask)
+
+
+def flash4() -> Callable:
+    """FlashAttention 4 (``flash_attn.cute``), which takes (batch, seq, heads, head): the layout under the views."""
+    from flash_attn.cute import flash_attn_func
+
+    def attend(q, k, v):
+        out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    return attend
 
 
 def separate(batch: int, contiguous: bool) -> Callable[[], list[torch.Tensor]]:
@@ -100,18 +111,20 @@ def main() -> None:
             ("cuDNN, as in GPT-2", lambda: sdpa(SDPBackend.CUDNN_ATTENTION), lambda: fused(batch), True),
             ("flash", lambda: sdpa(SDPBackend.FLASH_ATTENTION), lambda: separate(batch, False)),
             ("memory-efficient", lambda: sdpa(SDPBackend.EFFICIENT_ATTENTION), lambda: separate(batch, False)),
+            ("FlashAttention 4", flash4, lambda: separate(batch, False)),
+            ("FlashAttention 4, as in GPT-2", flash4, lambda: fused(batch), True),
             ("flex, compiled", flex, lambda: separate(batch, False)),
             ("flex, compiled, contiguous", flex, lambda: separate(batch, True))]
     print(f"batch {batch}, {HEADS} heads of {HEAD}, seq {SEQ}, bf16, causal; torch {torch.__version__}, "
           f"cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}")
-    print(f"{'kernel':28s} {'fwd ms':>7s} {'bwd ms':>7s} {'fwd TF/s':>9s} {'bwd TF/s':>9s} {'12 layers ms':>13s}")
+    print(f"{'kernel':30s} {'fwd ms':>7s} {'bwd ms':>7s} {'fwd TF/s':>9s} {'bwd TF/s':>9s} {'12 layers ms':>13s}")
     for name, attend, inputs, *gpt2_grad in runs:
         try:
             f, b = timed(attend(), inputs(), batch, *gpt2_grad)
-        except (RuntimeError, NotImplementedError) as exc:  # a backend that refuses the shape or the card
-            print(f"{name:28s} {str(exc).splitlines()[0][:80]}")
+        except (RuntimeError, NotImplementedError, ImportError, AssertionError) as exc:  # refused, or not installed
+            print(f"{name:30s} {str(exc).splitlines()[0][:80]}")
             continue
-        print(f"{name:28s} {f:7.3f} {b:7.3f} {flops / f / 1e9:9.0f} {2.5 * flops / b / 1e9:9.0f} {12 * (f + b):13.2f}")
+        print(f"{name:30s} {f:7.3f} {b:7.3f} {flops / f / 1e9:9.0f} {2.5 * flops / b / 1e9:9.0f} {12 * (f + b):13.2f}")
 
 
 if __name__ == "__main__":
