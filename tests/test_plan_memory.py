@@ -207,7 +207,9 @@ def test_without_checkpointing_the_step_peaks_in_the_loss_or_in_the_outputs_back
     loss = held + m.logits_bytes
     output = held - m.final_norm_bytes + m.head_gradient_bytes + m.output_backward_bytes
     assert m.allocated_bytes == max(loss, output)
-    assert (output > loss) == (where == "output")
+    assert (output > loss) == m.output_backward_peaks == (where == "output")
+    shown = {term for term, nbytes, _ in m.rows() if nbytes}
+    assert ("output's backward" in shown) == (where == "output")
     assert -0.006 <= (m.allocated_bytes - measured_mib * 2**20) / (measured_mib * 2**20) <= 0.002
     # compiled jobs fuse the loss, and checkpointed ones recompute the layer instead
     assert memory(shape, micro_batch=micro_batch, compiled=True).output_backward_bytes == 0

@@ -252,13 +252,21 @@ class MemoryBreakdown:
                        self.gradients_bytes - self.embedding_gradient_bytes) + self.recompute_bytes
         else:
             # the loss's buffers, or the output's backward over every layer's activations
-            held = self.weight_copies_bytes + self.activations_bytes
-            saved = held + max(self.logits_bytes, self.output_backward_bytes + self.head_gradient_bytes
-                               - self.final_norm_bytes)
+            saved = self.weight_copies_bytes + self.activations_bytes + max(self.logits_bytes, self._after_loss_bytes)
             late = self.gradients_bytes
         if self.grad_accum > 1 or self.gradient_buckets:
             return resident + saved + self.gradients_bytes
         return resident + max(saved, late)
+
+    @property
+    def _after_loss_bytes(self) -> int:
+        """Without checkpointing: what the output's backward adds once the final norm's tensors are gone."""
+        return self.output_backward_bytes + self.head_gradient_bytes - self.final_norm_bytes
+
+    @property
+    def output_backward_peaks(self) -> bool:
+        """Whether the step peaks in the output's backward rather than in the loss."""
+        return not self.gradient_checkpointing and self._after_loss_bytes > self.logits_bytes
 
     @property
     def step_peak_bytes(self) -> int:
@@ -332,6 +340,8 @@ class MemoryBreakdown:
             ("logits and loss", self.logits_bytes,
              "one chunk's logits, the head's and hidden states' gradients" if self.chunked_loss
              else "the bf16 logits, loss fused by torch.compile"),
+            ("output's backward", self.output_backward_bytes if self.output_backward_peaks else 0,
+             "final norm's backward (GPT-2: last block's), more than the loss's buffers"),
             ("optimizer step temporary", self.optimizer_step_bytes, "only while stepping"),
             ("allocator headroom", self.headroom_bytes, f"{ALLOCATOR_HEADROOM:.0%} of allocated"
              + (f" + {CHECKPOINTING_LOSS_HEADROOM:.0%} of the loss buffers" if self.gradient_checkpointing else "")),
