@@ -127,7 +127,10 @@ def test_fp32_grouped_query_attention_repeats_its_heads_and_computes_the_same_at
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
     grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
     torch.testing.assert_close(grads, torch.autograd.grad(reference.square().sum(), (q, k, v)), atol=1e-4, rtol=1e-4)
-    # 16-bit, or a mask: stock attention, heads as they are
+    # 16-bit, fp32 under autocast (SDPA computes in bf16: LLaMA's rotary tables make the queries fp32 in a full
+    # fine-tune), or a mask: stock attention, heads as they are
     grouped_heads_repeated_in_fp32(stock)(Attention(), q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        grouped_heads_repeated_in_fp32(stock)(Attention(), q, k, v, None)
     grouped_heads_repeated_in_fp32(stock)(Attention(), q, k, v, torch.ones(16, 16, dtype=torch.bool, device=device))
-    assert repeated == [2, 2]
+    assert repeated == [2, 2, 2]

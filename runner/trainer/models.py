@@ -84,13 +84,16 @@ def grouped_heads_repeated_in_fp32(attention):
     head, and its gradient (llama-1b in fp32 at 16 x 1024 tokens: 6 GiB more at the
     backward's peak, on an H200). Repeated heads run the memory-efficient kernel,
     which computes the same attention. Only the plain causal case the trainer runs
-    (no mask, queries as long as keys) is handled here.
+    (no mask, queries as long as keys) is handled here. Under autocast the queries
+    arrive in fp32 too (LLaMA's rotary tables follow the fp32 residual stream), but
+    SDPA runs in the compute dtype and takes the grouped heads as they are.
     """
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         groups = query.shape[1] // key.shape[1]
         plain_causal = (attention_mask is None and query.shape[2] == key.shape[2] > 1
                         and getattr(module, "is_causal", True) and kwargs.get("position_bias") is None)
-        if groups == 1 or query.dtype != torch.float32 or not plain_causal:
+        fp32 = query.dtype == torch.float32 and not torch.is_autocast_enabled(query.device.type)
+        if groups == 1 or not fp32 or not plain_causal:
             return attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
