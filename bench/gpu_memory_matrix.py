@@ -249,6 +249,10 @@ def fit_bases(part: str) -> list[Config]:
             c("factorized-197m", 1024, 1, "bf16"),
             # out of sample for the output's backward and the cap slack of eager jobs
             c("gpt2-355m", 512, 1, "bf16"),
+            c("gpt2-124m", 512, 1, "bf16"),
+            c("llama-1b", 512, 1, "bf16"),
+            c("d20", 2048, 1, "fp16"),
+            c("factorized-197m", 512, 1, "fp16"),
         ]
     else:
         bases = [
@@ -288,6 +292,7 @@ def fit_bases(part: str) -> list[Config]:
             c("gpt2-124m", 1024, 1, "bf16"),
             c("llama-160m", 1024, 1, "bf16"),
             c("d12", 1024, 1, "bf16"),
+            c("gpt2-355m", 512, 1, "bf16"),
         ]
     return [replace(b, profile=FIT_PROFILES[part], warmup_steps=1, timed_steps=2) for b in bases]
 

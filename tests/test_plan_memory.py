@@ -196,13 +196,14 @@ def test_an_eager_factorized_layer_saves_its_two_residuals_in_bf16(micro_batch, 
     assert -0.006 <= (m.allocated_bytes - measured_mib * 2**20) / (measured_mib * 2**20) <= 0.002
 
 
-@pytest.mark.parametrize("shape, micro_batch, measured_mib, where", [
-    # torch's memory history at seq 1024, H200, 2026-12-01: where each eager step peaked, and its max allocated
-    ("factorized-197m", 45, 38922, "output"), ("factorized-197m", 64, 54214, "output"), ("gpt2-124m", 40, 33634, "output"),
-    ("factorized-197m", 12, 12809, "loss"), ("llama-160m", 64, 41735, "loss"), ("d20", 16, 30977, "loss")])
-def test_without_checkpointing_the_step_peaks_in_the_loss_or_in_the_outputs_backward(shape, micro_batch, measured_mib,
-                                                                                       where):
-    m = memory(shape, micro_batch=micro_batch)
+@pytest.mark.parametrize("shape, seq_len, micro_batch, measured_mib, where", [
+    # torch's memory history, H200, 2026-12-01: where each eager step peaked, and its max allocated
+    ("factorized-197m", 1024, 45, 38922, "output"), ("factorized-197m", 1024, 64, 54214, "output"),
+    ("gpt2-124m", 1024, 40, 33634, "output"), ("factorized-197m", 1024, 12, 12809, "loss"),
+    ("llama-160m", 1024, 64, 41735, "loss"), ("d20", 1024, 16, 30977, "loss"), ("llama-1b", 512, 8, 24889, "loss")])
+def test_without_checkpointing_the_step_peaks_in_the_loss_or_in_the_outputs_backward(shape, seq_len, micro_batch,
+                                                                                       measured_mib, where):
+    m = memory(shape, seq_len=seq_len, micro_batch=micro_batch)
     held = m.weights_bytes + m.optimizer_bytes + m.weight_copies_bytes + m.activations_bytes
     loss = held + m.logits_bytes
     output = held - m.final_norm_bytes + m.head_gradient_bytes + m.output_backward_bytes
@@ -212,8 +213,8 @@ def test_without_checkpointing_the_step_peaks_in_the_loss_or_in_the_outputs_back
     assert ("output's backward" in shown) == (where == "output")
     assert -0.006 <= (m.allocated_bytes - measured_mib * 2**20) / (measured_mib * 2**20) <= 0.002
     # compiled jobs fuse the loss, and checkpointed ones recompute the layer instead
-    assert memory(shape, micro_batch=micro_batch, compiled=True).output_backward_bytes == 0
-    assert memory(shape, micro_batch=micro_batch, gradient_checkpointing=True).output_backward_bytes == 0
+    assert memory(shape, seq_len=seq_len, micro_batch=micro_batch, compiled=True).output_backward_bytes == 0
+    assert memory(shape, seq_len=seq_len, micro_batch=micro_batch, gradient_checkpointing=True).output_backward_bytes == 0
 
 
 def test_a_checkpointed_lora_step_recomputes_its_layers_over_a_frozen_half_precision_base():
