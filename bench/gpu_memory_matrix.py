@@ -253,6 +253,10 @@ def fit_bases(part: str) -> list[Config]:
             c("llama-1b", 512, 1, "bf16"),
             c("d20", 2048, 1, "fp16"),
             c("factorized-197m", 512, 1, "fp16"),
+            # out of sample: torch.compile with checkpointing, never measured at a card's edge before
+            c("gpt2-124m", 1024, 1, "bf16", checkpointing=True, compile=True),
+            c("d20", 2048, 1, "bf16", checkpointing=True, compile=True),
+            c("llama-1b", 1024, 1, "bf16", checkpointing=True, compile=True),
         ]
     else:
         bases = [
@@ -293,6 +297,9 @@ def fit_bases(part: str) -> list[Config]:
             c("llama-160m", 1024, 1, "bf16"),
             c("d12", 1024, 1, "bf16"),
             c("gpt2-355m", 512, 1, "bf16"),
+            # out of sample: torch.compile with checkpointing
+            c("llama-160m", 2048, 1, "bf16", checkpointing=True, compile=True),
+            c("llama-1b", 2048, 1, "bf16", checkpointing=True, compile=True),
         ]
     return [replace(b, profile=FIT_PROFILES[part], warmup_steps=1, timed_steps=2) for b in bases]
 
@@ -594,9 +601,10 @@ def verdict(predicted_fits: bool, measured: dict, capacity_bytes: int) -> dict:
             "agrees": None if actual is None else actual == predicted_fits, "why": why}
 
 
-def boundary(base: Config, beyond: int = 0) -> list[Config]:
+def boundary(base: Config, beyond: int = 0, below: int = 0) -> list[Config]:
     """The largest micro-batch the planner fits on the base's profile and one more (one run when none fits),
-    then ``beyond`` more: where the real boundary lies when the planner is known to be cautious."""
+    then ``beyond`` more and ``below`` fewer: where the real boundary lies when the planner is known to be
+    cautious, or optimistic."""
     def fits(micro_batch: int) -> bool:
         return plan_for(replace(base, micro_batch=micro_batch), base.profile).fits
 
@@ -609,16 +617,16 @@ def boundary(base: Config, beyond: int = 0) -> list[Config]:
             low = mid
         else:
             high = mid - 1
-    return [replace(base, micro_batch=low + i) for i in range(2 + beyond)]
+    return [replace(base, micro_batch=low + i) for i in range(-min(below, low - 1), 2 + beyond)]
 
 
-def configs_for(part: str, tiny: bool, beyond: int = 0) -> list[Config]:
+def configs_for(part: str, tiny: bool, beyond: int = 0, below: int = 0) -> list[Config]:
     if part == "matrix":
         chosen = matrix()
     else:
         profile = FIT_PROFILES[part]
         cap = plan_for(fit_bases(part)[0], profile).memory.capacity_bytes  # type: ignore[union-attr]
-        chosen = [replace(c, cap_bytes=cap) for base in fit_bases(part) for c in boundary(base, beyond)]
+        chosen = [replace(c, cap_bytes=cap) for base in fit_bases(part) for c in boundary(base, beyond, below)]
     return [replace(c, tiny=tiny) for c in chosen]
 
 
@@ -847,6 +855,8 @@ def main() -> None:
                         help="for each chosen configuration (use --only), bisect the cap it needs above its allocated peak")
     parser.add_argument("--beyond", type=int, default=0, metavar="N",
                         help="fit parts: also the N micro-batches after the planner's boundary pair")
+    parser.add_argument("--below", type=int, default=0, metavar="N",
+                        help="fit parts: also the N micro-batches before the planner's boundary pair")
     parser.add_argument("--lazy-optimizer-state", action="store_true",
                         help="let AdamW make its states in the first step, as torch does, not before it as the trainer does")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: one configuration as JSON
@@ -868,7 +878,7 @@ def main() -> None:
     for part in parts:
         chosen = [replace(c, shared_gpu=args.shared_gpu, timed_steps=args.timed_steps or c.timed_steps,
                           lazy_optimizer_state=args.lazy_optimizer_state)
-                  for c in configs_for(part, args.tiny, args.beyond)]
+                  for c in configs_for(part, args.tiny, args.beyond, args.below)]
         if args.only:
             wanted = set(args.only.split(","))
             chosen = [c for c in chosen if c.name in wanted]

@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("precision", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--ckpt", action="store_true", help="gradient checkpointing")
     parser.add_argument("--lora", action="store_true", help="rank 16 on q/k/v/o over a half-precision base")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model and loss, as the trainer does")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -83,7 +84,7 @@ def main() -> None:
     from runner.trainer.models import build_model
 
     config = Config(args.model, args.seq_len, args.micro_batch, args.precision, checkpointing=args.ckpt,
-                    lora=args.lora)
+                    lora=args.lora, compile=args.compile)
     device = torch.device("cuda", 0)
     spec = experiment(config)
     set_fast_math(device, deterministic=False)
@@ -92,13 +93,14 @@ def main() -> None:
         model = build_model(spec, ROOT, device, args.precision).model
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], "adamw", 3e-4, 0.1, device)
     init_optimizer_state(optimizer)
-    engine = Engine(model, optimizer, device=device, precision=args.precision, grad_clip=1.0, compile=False)
+    engine = Engine(model, optimizer, device=device, precision=args.precision, grad_clip=1.0, compile=args.compile)
     vocab = model.get_input_embeddings().weight.shape[0]
     rows = np.random.default_rng(0).integers(0, vocab, size=(args.micro_batch, args.seq_len + 1), dtype=np.int64)
     batch = torch.from_numpy(rows).to(device)
+    inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # as the trainer's batches are
 
     def step() -> None:
-        engine.step(iter([(batch[:, :-1], batch[:, 1:])]), 1, 3e-4)
+        engine.step(iter([(inputs, targets)]), 1, 3e-4)
 
     step(), step()
     torch.cuda.synchronize(device)
