@@ -217,6 +217,21 @@ def test_without_checkpointing_the_step_peaks_in_the_loss_or_in_the_outputs_back
     assert memory(shape, seq_len=seq_len, micro_batch=micro_batch, gradient_checkpointing=True).output_backward_bytes == 0
 
 
+@pytest.mark.parametrize("shape, seq_len, micro_batch, measured_mib", [
+    # torch.compile with checkpointing, torch's max allocated on an H200, 2026-12-01
+    # (bench/results/memory-peak-compile-h200-2026-12-01.json): llama-1b peaked in backward, the others in the loss.
+    ("llama-1b", 1024, 36, 24091), ("llama-1b", 2048, 42, 39183), ("gpt2-124m", 1024, 149, 22170),
+    ("llama-160m", 2048, 174, 38218), ("d20", 2048, 33, 22321)])
+def test_a_compiled_checkpointed_layer_is_recomputed_as_an_eager_one_holding_one_more_fp32_tensor(
+        shape, seq_len, micro_batch, measured_mib):
+    compiled = memory(shape, seq_len=seq_len, micro_batch=micro_batch, gradient_checkpointing=True, compiled=True)
+    eager = memory(shape, seq_len=seq_len, micro_batch=micro_batch, gradient_checkpointing=True)
+    tokens, hidden = seq_len * micro_batch, lookup_preset(shape).hidden
+    assert compiled.recompute_bytes - eager.recompute_bytes == pytest.approx(4 * tokens * hidden, abs=1)
+    assert compiled.final_norm_bytes == tokens * hidden * (6 if shape == "gpt2-124m" else 8)
+    assert -0.001 <= (compiled.allocated_bytes - measured_mib * 2**20) / (measured_mib * 2**20) <= 0.006
+
+
 def test_a_checkpointed_lora_step_recomputes_its_layers_over_a_frozen_half_precision_base():
     lora = memory("llama-7b", seq_len=512, micro_batch=34, gradient_checkpointing=True,
                   lora=LoraShape(16, ("q_proj", "k_proj", "v_proj", "o_proj")), precision="fp16")

@@ -157,6 +157,15 @@ CAP_SLACK_BYTES = int(0.1 * 2**30)
 # comes within 0.1%. GPT-2 124M at micro-batch 40: 55.3. llama-160m at micro-batch 64, d20 at 16 and
 # factorized-197m at 12 peaked in the loss instead, as this predicts.
 OUTPUT_BACKWARD_BYTES = {"llama": 25, "gpt2": 55}  # per token and hidden width
+# torch.compile with checkpointing, read off torch's memory history (H200, 2026-12-01). At its
+# backward peaks (llama-1b seq 1024 b36, 24,091 MiB; seq 2048 b42, 39,183) the recomputed layer
+# held what an eager checkpointed one does and about one fp32 tensor of the hidden width more (not
+# the compiled layer's saved set: 1.5 GiB more than that said): 4 B per token and hidden width
+# makes them 24,217 and 39,178 MiB. At a loss peak (gpt2-124m b149, llama-160m seq 2048 b174, d20
+# seq 2048 b33) the final norm's tensors were 4.7h, 7.3h and 5.2h per token, not the 10h of an
+# eager one.
+COMPILED_RECOMPUTE_BYTES = 4  # per token and hidden width, on top of an eager recomputed layer
+COMPILED_CHECKPOINTED_FINAL_NORM_BYTES = {"gpt2": 6, "llama": 8}  # per token and hidden width
 
 
 @dataclass(frozen=True)
@@ -431,6 +440,9 @@ def estimate_memory(
     # norm keeps neither (factorized-197m at seq 1024, micro-batch 24, H200, 2026-12-01: 8h).
     final_norm = tokens * shape.hidden * (2 * residual_bytes + 2 if half_base or not autocast
                                           else 4 + residual_bytes + 2)
+    if gradient_checkpointing and mode == "compiled":
+        final_norm = tokens * shape.hidden * COMPILED_CHECKPOINTED_FINAL_NORM_BYTES["gpt2" if shape.arch == "gpt2"
+                                                                                   else "llama"]
     # A factorized embedding's up-projection keeps its input, the table's rows, in the compute dtype.
     embedding = tokens * (shape.embedding_dim or 0) * (2 if autocast else 4)
     if gradient_checkpointing:
@@ -459,11 +471,14 @@ def estimate_memory(
         kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
         # A layer recomputed from a 2 B input keeps fp32 copies of it where an fp32 residual is kept itself,
         # so it saves what it does from a 4 B one; its gradients are in the residual's dtype.
-        recomputed = tokens * (activation_bytes_per_token_layer(shape, mode)
+        # Under torch.compile the recomputed layer holds what an eager one does (COMPILED_RECOMPUTE).
+        recompute_mode = "autocast" if mode == "compiled" else mode
+        recomputed = tokens * (activation_bytes_per_token_layer(shape, recompute_mode)
                                - (4 - residual_bytes) * shape.hidden * (mode in ("autocast", "compiled")))
         recompute = int(recomputed * (1 + RECOMPUTE_TEMPORARIES[kind])
                         + RECOMPUTE_MLP_BYTES[kind, autocast] * tokens * shape.intermediate
-                        + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers)
+                        + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers
+                        + (COMPILED_RECOMPUTE_BYTES * tokens * shape.hidden if mode == "compiled" else 0))
 
     cap_slack = CAP_SLACK_BYTES if autocast and device == "cuda" and (gradient_checkpointing or not compiled) else 0
     output_backward = 0 if gradient_checkpointing or fused_loss else (
