@@ -1,6 +1,7 @@
 """What is alive at a training step's peak on the GPU: torch's memory history, replayed.
 
     python bench/memory_peak.py llama-1b 1024 31 bf16 --ckpt --out peak.json   # ~30 s on an H200
+    python bench/memory_peak.py llama-1b 1024 36 bf16 --ckpt --compile --out peak.json   # groups: inductor's files
 
 Builds the job as ``bench/gpu_memory_matrix.py`` does (the trainer's model,
 optimizer with its states made before the first step, ``Engine``, random
