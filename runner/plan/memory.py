@@ -471,7 +471,7 @@ def estimate_memory(
         kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
         # A layer recomputed from a 2 B input keeps fp32 copies of it where an fp32 residual is kept itself,
         # so it saves what it does from a 4 B one; its gradients are in the residual's dtype.
-        # Under torch.compile the recomputed layer holds what an eager one does (COMPILED_RECOMPUTE).
+        # Under torch.compile the recomputed layer holds what an eager one does, and more (COMPILED_RECOMPUTE_BYTES).
         recompute_mode = "autocast" if mode == "compiled" else mode
         recomputed = tokens * (activation_bytes_per_token_layer(shape, recompute_mode)
                                - (4 - residual_bytes) * shape.hidden * (mode in ("autocast", "compiled")))
