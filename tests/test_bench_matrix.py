@@ -73,6 +73,14 @@ def test_fit_checks_take_the_largest_batch_the_planner_fits_and_one_more(part):
     assert len(full_7b) == 1 and not bench.plan_for(full_7b[0], profile).fits
 
 
+def test_a_boundary_can_be_widened_above_and_below_the_planners_pair():
+    base = bench.replace(bench.fit_bases("fit24")[0], micro_batch=1)
+    pair = [c.micro_batch for c in bench.boundary(base)]
+    assert [c.micro_batch for c in bench.boundary(base, beyond=1, below=2)] == list(range(pair[0] - 2, pair[1] + 2))
+    one = bench.Config("llama-7b", 512, 1, "bf16", profile="rtx-4090")  # nothing fits: micro-batch 1 alone
+    assert [c.micro_batch for c in bench.boundary(one, below=3)] == [1]
+
+
 def test_a_run_that_runs_out_of_memory_or_over_the_cap_does_not_fit():
     cap = 24 * 2**30
     oom = bench.verdict(False, {"status": "oom", "device": "cuda"}, cap)

@@ -31,7 +31,9 @@ on 2026-12-01, where the trainer first ran with expandable segments, and those f
 the eager loss on the same day, once eager jobs ran the chunked loss, and those for the
 checkpointed backward and a full card's slack once the trainer made its optimizer
 states before the first step (``bench/memory_peak.py`` read what is alive at the peak),
-and those for fp32 with checkpointing and compiled factorized models last.
+those for fp32 with checkpointing and compiled factorized models, and those for a bf16
+residual stream, the output's backward, eager jobs' cap slack and torch.compile with
+checkpointing last.
 docs/benchmarks.md, "GPU memory", has the tables, and ``bench/results/`` the raw figures.
 """
 
@@ -182,7 +184,7 @@ DEFAULT_LORA_TARGETS = {"gpt2": ("c_attn", "c_proj"), "llama": ("q_proj", "k_pro
 
 def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> tuple[str, ...]:
     if target_modules == "auto":
-        return DEFAULT_LORA_TARGETS["gpt2" if shape.arch == "gpt2" else "llama"]
+        return DEFAULT_LORA_TARGETS[family(shape)]
     return tuple(target_modules)
 
 
@@ -441,8 +443,7 @@ def estimate_memory(
     final_norm = tokens * shape.hidden * (2 * residual_bytes + 2 if half_base or not autocast
                                           else 4 + residual_bytes + 2)
     if gradient_checkpointing and mode == "compiled":
-        final_norm = tokens * shape.hidden * COMPILED_CHECKPOINTED_FINAL_NORM_BYTES["gpt2" if shape.arch == "gpt2"
-                                                                                   else "llama"]
+        final_norm = tokens * shape.hidden * COMPILED_CHECKPOINTED_FINAL_NORM_BYTES[family(shape)]
     # A factorized embedding's up-projection keeps its input, the table's rows, in the compute dtype.
     embedding = tokens * (shape.embedding_dim or 0) * (2 if autocast else 4)
     if gradient_checkpointing:
@@ -468,13 +469,13 @@ def estimate_memory(
         embedding_grad = 0 if shape.tie_embeddings else head_grad  # the token table is the head's shape
     recompute = 0
     if gradient_checkpointing:
-        kind = "half-base" if mode == "half-base" else "gpt2" if shape.arch == "gpt2" else "llama"
+        kind = "half-base" if mode == "half-base" else family(shape)
         # A layer recomputed from a 2 B input keeps fp32 copies of it where an fp32 residual is kept itself,
         # so it saves what it does from a 4 B one; its gradients are in the residual's dtype.
         # Under torch.compile the recomputed layer holds what an eager one does, and more (COMPILED_RECOMPUTE_BYTES).
         recompute_mode = "autocast" if mode == "compiled" else mode
-        recomputed = tokens * (activation_bytes_per_token_layer(shape, recompute_mode)
-                               - (4 - residual_bytes) * shape.hidden * (mode in ("autocast", "compiled")))
+        narrower_gradients = (4 - residual_bytes) * shape.hidden if recompute_mode == "autocast" else 0
+        recomputed = tokens * (activation_bytes_per_token_layer(shape, recompute_mode) - narrower_gradients)
         recompute = int(recomputed * (1 + RECOMPUTE_TEMPORARIES[kind])
                         + RECOMPUTE_MLP_BYTES[kind, autocast] * tokens * shape.intermediate
                         + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers
@@ -482,7 +483,7 @@ def estimate_memory(
 
     cap_slack = CAP_SLACK_BYTES if autocast and device == "cuda" and (gradient_checkpointing or not compiled) else 0
     output_backward = 0 if gradient_checkpointing or fused_loss else (
-        OUTPUT_BACKWARD_BYTES["gpt2" if shape.arch == "gpt2" else "llama"] * tokens * shape.hidden)
+        OUTPUT_BACKWARD_BYTES[family(shape)] * tokens * shape.hidden)
 
     partial = MemoryBreakdown(
         params=params, trainable_params=trainable, weights_bytes=weights, weight_copies_bytes=copies,
@@ -527,6 +528,11 @@ def chunked_loss_bytes(tokens: int, vocab: int, width: int, *, hidden_bytes: int
     return kept + during + (2 * vocab * width if head_cast else 0)
 
 
+def family(shape: ModelShape) -> str:
+    """Which block the constants were measured on: GPT-2's, or LLaMA's (every other architecture)."""
+    return "gpt2" if shape.arch == "gpt2" else "llama"
+
+
 def activation_mode(*, autocast: bool, half_base: bool, compiled: bool) -> str:
     """Which of ``_ACTIVATION``'s measured modes a run is in."""
     if not autocast:
@@ -549,7 +555,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, mode: str, residual_byte
     high at 4 B; compiled, b32 to b36, within -0.2%, 8.8% high at 4 B) and, not
     measured, compiled over a LoRA's half-precision base.
     """
-    c_h, c_kv, c_i = _ACTIVATION[("gpt2" if shape.arch == "gpt2" else "llama", mode)]
+    c_h, c_kv, c_i = _ACTIVATION[(family(shape), mode)]
     if mode in ("compiled", "autocast"):
         c_h -= 2 * (4 - residual_bytes)
     kv = shape.hidden if mode == "fp32" else shape.kv_heads * shape.head_dim
