@@ -682,11 +682,19 @@ def walk(sftp: paramiko.SFTPClient, top: str) -> Iterator[tuple[str, paramiko.SF
     """Yield (path relative to top, attributes) for every entry under a remote directory.
 
     Uses lstat data from the listing, so symlinks are reported as links and never followed.
+    A directory removed after its parent was listed (a checkpoint the trainer's keep-last
+    pruned meanwhile) is passed over; ``top`` itself must exist.
     """
     stack = [""]
     while stack:
         rel = stack.pop()
-        for attrs in sftp.listdir_attr(f"{top}/{rel}" if rel else top):
+        try:
+            entries = sftp.listdir_attr(f"{top}/{rel}" if rel else top)
+        except FileNotFoundError:
+            if not rel:
+                raise
+            continue
+        for attrs in entries:
             child = f"{rel}/{attrs.filename}" if rel else attrs.filename
             yield child, attrs
             if stat.S_ISDIR(attrs.st_mode or 0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 
 import pytest
@@ -212,6 +213,33 @@ def test_the_connection_comes_back_after_sshd_restarts(ssh_hosts, isolated):
         assert ssh.run(conn, ["true"]).ok
         host.restart_sshd()
         assert conn.retrying(lambda c: ssh.run(c, ["echo", "again"])).text() == "again\n"
+
+
+@pytest.mark.ssh
+def test_a_walk_passes_over_a_directory_removed_while_it_walks(ssh_hosts, isolated):
+    # A sync lists a run directory while the trainer's keep-last removes an old checkpoint.
+    host = ssh_hosts[0]
+    trust(host)
+    top = host.home / "walked"
+    for name in ("step-1", "step-2"):
+        (top / "checkpoints" / name).mkdir(parents=True)
+        (top / "checkpoints" / name / "model.safetensors").write_text("weights")
+    try:
+        with ssh.connect(endpoint(host)) as conn:
+            walk = ssh.walk(conn.sftp(), str(top))
+            seen = []
+            for rel, _ in walk:  # until both checkpoints are listed, before either is descended into
+                seen.append(rel)
+                if {"checkpoints/step-1", "checkpoints/step-2"} <= set(seen):
+                    break
+            shutil.rmtree(top / "checkpoints" / "step-1")
+            seen += [rel for rel, _ in walk]
+            with pytest.raises(FileNotFoundError):
+                list(ssh.walk(conn.sftp(), str(top / "gone")))
+    finally:
+        shutil.rmtree(top)
+    assert "checkpoints/step-2/model.safetensors" in seen
+    assert "checkpoints/step-1/model.safetensors" not in seen
 
 
 @pytest.mark.ssh
