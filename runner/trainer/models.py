@@ -53,23 +53,28 @@ def causal_attention() -> str:
     transformers builds the causal mask as a tensor whenever it is traced by
     torch.compile (it can only skip it when not tracing), and SDPA with a mask
     tensor cannot use the flash kernel: on an H100 the memory-efficient kernel
-    it falls back to made attention 43% of a GPT-2-124M step. The trainer passes
-    no attention mask (packed rows have none; padded rows are padded on the
-    right and their padding is only masked out of the loss), so the mask is
-    plain causal and SDPA's ``is_causal`` computes exactly the same attention.
-    Anything else (a padding mask, a cache, a sliding window) gets the usual
-    SDPA mask.
+    it falls back to made attention 43% of a GPT-2-124M step. Without a cache
+    it also looks for sequences packed into one row in the position ids, which
+    it cannot read while tracing, so it forbids the skip there too (and SDPA
+    keeps a 2 B additive copy of the mask, seq x seq per row, for backward).
+    The trainer passes no attention mask and no position ids (packed rows are
+    one causal sequence each; padded rows are padded on the right and their
+    padding is only masked out of the loss), so the mask is plain causal and
+    SDPA's ``is_causal`` computes exactly the same attention. Anything else (a
+    padding mask, a cache's longer keys, a sliding window, a model's own mask
+    overlays) gets the usual SDPA mask.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
     def mask(*, q_length: int, kv_length: int, attention_mask=None, local_size=None,
-             allow_is_causal_skip: bool = True, **kwargs):
-        if allow_is_causal_skip and attention_mask is None and local_size is None and q_length == kv_length:
+             allow_is_causal_skip: bool = True, use_vmap: bool = False, **kwargs):
+        # use_vmap: the model added its own mask functions; a cache forbids the skip only with q_length 1
+        if attention_mask is None and local_size is None and not use_vmap and q_length == kv_length > 1:
             return None
         return sdpa_mask(q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, local_size=local_size,
-                         allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+                         allow_is_causal_skip=allow_is_causal_skip, use_vmap=use_vmap, **kwargs)
 
     AttentionInterface.register(CAUSAL_SDPA, grouped_heads_repeated_in_fp32(sdpa_attention_forward))
     AttentionMaskInterface.register(CAUSAL_SDPA, mask)
