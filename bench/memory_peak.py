@@ -9,7 +9,9 @@ tokens), runs two steps, then records torch's memory history over a third and
 replays its allocations and frees. At the step's largest allocated total it
 lists the live blocks, grouped by the Python line that allocated them (the
 innermost frame outside torch; what autograd's engine makes in backward has no
-Python frame and is one group), with the allocation that reached the peak. This is how the planner's
+Python frame and is one group), with the allocation that reached the peak; then
+the same from the moment that peak's largest block is freed (a checkpointed
+step's recompute, when its loss peaked first). This is how the planner's
 terms are read off a real step instead of guessed; ``runner/plan/memory.py``
 says which of its constants came from such a reading.
 """
@@ -42,27 +44,37 @@ def where(frames: list[dict], torch_dir: str) -> str:
     return "(no python frame: autograd's engine)"
 
 
-def replay(trace: list[dict], baseline: int, torch_dir: str) -> dict:
-    """The largest allocated total over the trace and the blocks alive then."""
+def replay(trace: list[dict], baseline: int, torch_dir: str, start: int = 0) -> dict:
+    """The largest allocated total over the trace (from event ``start`` on) and the blocks alive then.
+
+    ``largest_freed_at`` is the event that frees the largest block alive at that peak: replayed from
+    there, a checkpointed step's second peak shows, its backward past the loss.
+    """
     live: dict[int, tuple[int, str]] = {}
     total = peak = baseline
     at_peak: dict[int, tuple[int, str]] = {}
-    peak_by = ""
-    for event in trace:
+    peak_by, peak_at = "", start
+    frees: dict[int, list[int]] = defaultdict(list)
+    for index, event in enumerate(trace):
         action, addr, size = event["action"], event["addr"], event["size"]
         if action == "alloc":
             live[addr] = (size, where(event.get("frames", []), torch_dir))
             total += size
-            if total > peak:
-                peak, at_peak, peak_by = total, dict(live), live[addr][1]
+            if index >= start and total > peak:
+                peak, at_peak, peak_by, peak_at = total, dict(live), live[addr][1], index
         elif action == "free_completed" and addr in live:
             total -= live.pop(addr)[0]
+            frees[addr].append(index)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for size, line in at_peak.values():
         groups[line][0] += 1
         groups[line][1] += size
     rows = sorted(({"line": k, "blocks": n, "bytes": b} for k, (n, b) in groups.items()), key=lambda r: -r["bytes"])
-    return {"peak_bytes": peak, "baseline_bytes": baseline, "peak_reached_by": peak_by, "groups": rows}
+    largest = max(at_peak, key=lambda addr: at_peak[addr][0], default=None)
+    # an address is reused: the free that counts is the first after the peak
+    freed_at = next((i for i in frees.get(largest, []) if i > peak_at), None) if largest is not None else None
+    return {"peak_bytes": peak, "baseline_bytes": baseline, "peak_reached_by": peak_by, "groups": rows,
+            "largest_block_bytes": at_peak[largest][0] if largest is not None else 0, "largest_freed_at": freed_at}
 
 
 def main() -> None:
@@ -112,7 +124,10 @@ def main() -> None:
     torch.cuda.synchronize(device)
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
-    result = replay(snapshot["device_traces"][0], baseline, str(Path(torch.__file__).parent))
+    trace, torch_dir = snapshot["device_traces"][0], str(Path(torch.__file__).parent)
+    result = replay(trace, baseline, torch_dir)
+    if result["largest_freed_at"] is not None:
+        result["after_largest_freed"] = replay(trace, baseline, torch_dir, start=result["largest_freed_at"])
     breakdown = plan_for(config, config.profile).memory
     result.update(config=config.name, max_allocated_bytes=torch.cuda.max_memory_allocated(device),
                   predicted_allocated_bytes=breakdown.allocated_bytes, torch=torch.__version__)
@@ -123,6 +138,12 @@ def main() -> None:
           f"reached by {result['peak_reached_by']}")
     for row in result["groups"][:25]:
         print(f"  {row['bytes'] / MiB:10,.1f} MiB  {row['blocks']:5d}  {row['line']}")
+    later = result.get("after_largest_freed")
+    if later:
+        print(f"after its largest block ({result['largest_block_bytes'] / MiB:,.0f} MiB) is freed: "
+              f"peak {later['peak_bytes'] / MiB:,.0f} MiB, reached by {later['peak_reached_by']}")
+        for row in later["groups"][:25]:
+            print(f"  {row['bytes'] / MiB:10,.1f} MiB  {row['blocks']:5d}  {row['line']}")
 
 
 if __name__ == "__main__":

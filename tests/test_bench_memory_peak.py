@@ -52,3 +52,23 @@ def test_the_peak_lists_the_live_blocks_by_the_innermost_line_outside_torch():
         {"line": "modeling_llama.py:323 forward", "blocks": 1, "bytes": 100},
         {"line": "(no python frame: autograd's engine)", "blocks": 1, "bytes": 50},
     ]
+
+
+def test_after_the_peaks_largest_block_is_freed_the_later_peak_is_found_on_its_own():
+    loss, layer = frame("/repo/runner/trainer/loss.py", 90, "loss"), frame("/env/lib/modeling_gpt2.py", 40)
+    trace = [
+        alloc(2, 500, loss),  # the same address, used and freed before the peak
+        free(2, 500),
+        alloc(1, 100, layer),
+        alloc(2, 500, loss),  # the logits: the step's peak and its largest block
+        free(2, 500),
+        alloc(3, 300, layer),  # a recomputed layer: lower than the loss, the backward's own peak
+        alloc(4, 50),
+        free(3, 300),
+        alloc(5, 20, layer),
+    ]
+    result = peak.replay(trace, baseline=0, torch_dir=TORCH)
+    assert (result["peak_bytes"], result["largest_block_bytes"], result["largest_freed_at"]) == (600, 500, 4)
+    later = peak.replay(trace, baseline=0, torch_dir=TORCH, start=result["largest_freed_at"])
+    assert later["peak_bytes"] == 100 + 300 + 50
+    assert later["groups"][0] == {"line": "modeling_gpt2.py:40 forward", "blocks": 2, "bytes": 400}
