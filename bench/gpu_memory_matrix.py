@@ -257,6 +257,12 @@ def fit_bases(part: str) -> list[Config]:
             c("gpt2-124m", 1024, 1, "bf16", checkpointing=True, compile=True),
             c("d20", 2048, 1, "bf16", checkpointing=True, compile=True),
             c("llama-1b", 1024, 1, "bf16", checkpointing=True, compile=True),
+            # out of sample for the compiled recompute's final fit: shapes, lengths and fp16 it never saw
+            c("d12", 1024, 1, "bf16", checkpointing=True, compile=True),
+            c("llama-160m", 1024, 1, "bf16", checkpointing=True, compile=True),
+            c("llama-1b", 512, 1, "bf16", checkpointing=True, compile=True),
+            c("factorized-197m", 1024, 1, "bf16", checkpointing=True, compile=True),
+            c("gpt2-355m", 1024, 1, "fp16", checkpointing=True, compile=True),
         ]
     else:
         bases = [
@@ -300,6 +306,10 @@ def fit_bases(part: str) -> list[Config]:
             # out of sample: torch.compile with checkpointing
             c("llama-160m", 2048, 1, "bf16", checkpointing=True, compile=True),
             c("llama-1b", 2048, 1, "bf16", checkpointing=True, compile=True),
+            # out of sample for the compiled recompute's final fit
+            c("d20", 1024, 1, "bf16", checkpointing=True, compile=True),
+            c("gpt2-355m", 1024, 1, "bf16", checkpointing=True, compile=True),
+            c("d12", 2048, 1, "bf16", checkpointing=True, compile=True),
         ]
     return [replace(b, profile=FIT_PROFILES[part], warmup_steps=1, timed_steps=2) for b in bases]
 

@@ -33,7 +33,7 @@ checkpointed backward and a full card's slack once the trainer made its optimize
 states before the first step (``bench/memory_peak.py`` read what is alive at the peak),
 those for fp32 with checkpointing and compiled factorized models, and those for a bf16
 residual stream, the output's backward, eager jobs' cap slack and torch.compile with
-checkpointing last.
+checkpointing, refitted last once the trainer stopped building a causal mask under compile.
 docs/benchmarks.md, "GPU memory", has the tables, and ``bench/results/`` the raw figures.
 """
 
@@ -159,15 +159,21 @@ CAP_SLACK_BYTES = int(0.1 * 2**30)
 # comes within 0.1%. GPT-2 124M at micro-batch 40: 55.3. llama-160m at micro-batch 64, d20 at 16 and
 # factorized-197m at 12 peaked in the loss instead, as this predicts.
 OUTPUT_BACKWARD_BYTES = {"llama": 25, "gpt2": 55}  # per token and hidden width
-# torch.compile with checkpointing, read off torch's memory history (H200, 2026-12-01). At its
-# backward peaks (llama-1b seq 1024 b36, 24,091 MiB; seq 2048 b42, 39,183) the recomputed layer
-# held what an eager checkpointed one does and about one fp32 tensor of the hidden width more (not
-# the compiled layer's saved set: 1.5 GiB more than that said): 4 B per token and hidden width
-# makes them 24,217 and 39,178 MiB. At a loss peak (gpt2-124m b149, llama-160m seq 2048 b174, d20
-# seq 2048 b33) the final norm's tensors were 4.7h, 7.3h and 5.2h per token, not the 10h of an
-# eager one.
-COMPILED_RECOMPUTE_BYTES = 4  # per token and hidden width, on top of an eager recomputed layer
-COMPILED_CHECKPOINTED_FINAL_NORM_BYTES = {"gpt2": 6, "llama": 8}  # per token and hidden width
+# torch.compile with checkpointing, read off torch's memory history (H200, 2026-12-01) once the
+# trainer stopped transformers from building a causal mask under compile (``causal_attention``;
+# before, SDPA kept a 2 B copy of it, seq x seq per row, which the first fit took for the final
+# norm's and the recompute's). Six histories: gpt2-124m b149 and gpt2-355m b153 at seq 1024, d20
+# b33 and llama-160m b174 at seq 2048, llama-1b b36 and b42 at seq 1024 and 2048. At the loss the
+# final norm keeps its bf16 output alone (2.02-2.09h per token with the small ones), and two bf16
+# copies of the head are held, not one. A recomputed LLaMA layer holds what an eager checkpointed
+# one does, within -0.75h and +1.84h per token beyond it (1h is planned: 69 MiB over llama-1b b36,
+# the one that peaks there); a recomputed GPT-2 block is fused (its GELU's temporaries are gone):
+# 59.5 B per token and hidden width and 6 B per parameter of the block fit gpt2-124m and
+# gpt2-355m exactly. The cuBLAS workspaces, in the runtime, are left out of these fits.
+COMPILED_RECOMPUTE_BYTES = 1  # LLaMA: per token and hidden width, on top of an eager recomputed layer
+COMPILED_GPT2_RECOMPUTE_BYTES = (59.5, 6)  # per token and hidden width, per parameter of the block
+COMPILED_CHECKPOINTED_FINAL_NORM_BYTES = 2  # per token and hidden width
+COMPILED_CHECKPOINTED_HEAD_COPIES = 2
 
 
 @dataclass(frozen=True)
@@ -400,7 +406,8 @@ def estimate_memory(
         weights = 4 * params
         # Checkpointed layers recompute their casts in backward; a compiled head's copy is held
         # (an eager job's chunked loss casts the head for itself: ``chunked_loss_bytes``).
-        held = (head if fused_loss else 0) + (0 if gradient_checkpointing else matmul_params - head)
+        head_copies = (COMPILED_CHECKPOINTED_HEAD_COPIES if gradient_checkpointing else 1) if fused_loss else 0
+        held = head * head_copies + (0 if gradient_checkpointing else matmul_params - head)
         copies = 2 * held if autocast else 0
         adapters = 0
     else:
@@ -443,7 +450,7 @@ def estimate_memory(
     final_norm = tokens * shape.hidden * (2 * residual_bytes + 2 if half_base or not autocast
                                           else 4 + residual_bytes + 2)
     if gradient_checkpointing and mode == "compiled":
-        final_norm = tokens * shape.hidden * COMPILED_CHECKPOINTED_FINAL_NORM_BYTES[family(shape)]
+        final_norm = tokens * shape.hidden * COMPILED_CHECKPOINTED_FINAL_NORM_BYTES
     # A factorized embedding's up-projection keeps its input, the table's rows, in the compute dtype.
     embedding = tokens * (shape.embedding_dim or 0) * (2 if autocast else 4)
     if gradient_checkpointing:
@@ -472,14 +479,20 @@ def estimate_memory(
         kind = "half-base" if mode == "half-base" else family(shape)
         # A layer recomputed from a 2 B input keeps fp32 copies of it where an fp32 residual is kept itself,
         # so it saves what it does from a 4 B one; its gradients are in the residual's dtype.
-        # Under torch.compile the recomputed layer holds what an eager one does, and more (COMPILED_RECOMPUTE_BYTES).
-        recompute_mode = "autocast" if mode == "compiled" else mode
-        narrower_gradients = (4 - residual_bytes) * shape.hidden if recompute_mode == "autocast" else 0
-        recomputed = tokens * (activation_bytes_per_token_layer(shape, recompute_mode) - narrower_gradients)
-        recompute = int(recomputed * (1 + RECOMPUTE_TEMPORARIES[kind])
-                        + RECOMPUTE_MLP_BYTES[kind, autocast] * tokens * shape.intermediate
-                        + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * shape.non_embedding_params() // shape.layers
-                        + (COMPILED_RECOMPUTE_BYTES * tokens * shape.hidden if mode == "compiled" else 0))
+        # Under torch.compile a recomputed LLaMA layer holds what an eager one does, and a little more; a
+        # GPT-2 block is fused (COMPILED_RECOMPUTE_BYTES, COMPILED_GPT2_RECOMPUTE_BYTES).
+        layer_params = shape.non_embedding_params() // shape.layers
+        if mode == "compiled" and kind == "gpt2":
+            per_token, per_param = COMPILED_GPT2_RECOMPUTE_BYTES
+            recompute = int(per_token * tokens * shape.hidden + per_param * layer_params)
+        else:
+            recompute_mode = "autocast" if mode == "compiled" else mode
+            narrower_gradients = (4 - residual_bytes) * shape.hidden if recompute_mode == "autocast" else 0
+            recomputed = tokens * (activation_bytes_per_token_layer(shape, recompute_mode) - narrower_gradients)
+            recompute = int(recomputed * (1 + RECOMPUTE_TEMPORARIES[kind])
+                            + RECOMPUTE_MLP_BYTES[kind, autocast] * tokens * shape.intermediate
+                            + RECOMPUTE_BYTES_PER_LAYER_PARAM[kind] * layer_params
+                            + (COMPILED_RECOMPUTE_BYTES * tokens * shape.hidden if mode == "compiled" else 0))
 
     cap_slack = CAP_SLACK_BYTES if autocast and device == "cuda" and (gradient_checkpointing or not compiled) else 0
     output_backward = 0 if gradient_checkpointing or fused_loss else (
