@@ -404,8 +404,8 @@ def estimate_memory(
         trainable = params
         weight_bpp = 4.0
         weights = 4 * params
-        # Checkpointed layers recompute their casts in backward; a compiled head's copy is held
-        # (an eager job's chunked loss casts the head for itself: ``chunked_loss_bytes``).
+        # Checkpointed layers recompute their casts in backward; a compiled head's copy is held, two
+        # with checkpointing (an eager job's chunked loss casts the head for itself: ``chunked_loss_bytes``).
         head_copies = (COMPILED_CHECKPOINTED_HEAD_COPIES if gradient_checkpointing else 1) if fused_loss else 0
         held = head * head_copies + (0 if gradient_checkpointing else matmul_params - head)
         copies = 2 * held if autocast else 0
