@@ -222,7 +222,8 @@ NOT_RUN = {"rtx-4090_d12-s1024-b123-bf16-ckpt-compile", "rtx-4090_d12-s1024-b124
 def measured_entries() -> list[dict]:
     """The matrix and the capped fit runs of the trainer as it is (chunked loss, optimizer states made before
     the first step), on an H200, re-planned by the planner as it is now; a run measured again replaces the first."""
-    runs = {r["name"]: r for path in [*MEASURED, PAGE_CAP, FP32, FACTORIZED, EAGER, COMPILE_CKPT] for r in json.loads(path.read_text())["results"]}
+    paths = [*MEASURED, PAGE_CAP, FP32, FACTORIZED, EAGER, COMPILE_CKPT]
+    runs = {r["name"]: r for path in paths for r in json.loads(path.read_text())["results"]}
     return [bench.record(r["part"], bench.config_of(r), r["measured"]) for r in runs.values()]
 
 

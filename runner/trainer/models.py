@@ -61,8 +61,10 @@ def causal_attention() -> str:
     one causal sequence each; padded rows are padded on the right and their
     padding is only masked out of the loss), so the mask is plain causal and
     SDPA's ``is_causal`` computes exactly the same attention. Anything else (a
-    padding mask, a cache's longer keys, a sliding window, a model's own mask
-    overlays) gets the usual SDPA mask.
+    padding mask, a cache's longer keys, a sliding window, mask functions a
+    model adds) gets the usual SDPA mask. Image-block overlays (Gemma 3's, say)
+    also forbid the skip without such a function; the trainer feeds text only,
+    so none is ever built.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
