@@ -207,47 +207,58 @@ FACTORIZED = ROOT / "bench" / "results" / "gpu-factorized-h200-2026-12-01.json"
 EAGER = ROOT / "bench" / "results" / "gpu-eager-h200-2026-12-01.json"
 # torch.compile with checkpointing once the trainer left the causal mask to SDPA under compile, at the boundaries of
 # the planner refitted to that trainer's memory histories. Compiled runs made before (gpu-compile-ckpt-*, and the
-# compiled runs without checkpointing above) held the mask too; the planner's terms for compiled jobs without
-# checkpointing are unchanged, and 0.5-2.1% high on the trainer as it is (memory-peak-compile-nomask-*).
+# compiled runs without checkpointing in the files above) held the mask too: they are left out.
 COMPILE_CKPT = ROOT / "bench" / "results" / "gpu-compile-ckpt-nomask-h200-2026-12-01.json"
-# Boundaries drawn for compiled checkpointed jobs that got no run on the H200 once the mask was gone: the device time
-# ran out (two of them ran past the time budget).
-NOT_RUN = {"rtx-4090_d12-s1024-b123-bf16-ckpt-compile", "rtx-4090_d12-s1024-b124-bf16-ckpt-compile",
-           "rtx-4090_llama-1b-s512-b63-bf16-ckpt-compile", "rtx-4090_llama-1b-s512-b64-bf16-ckpt-compile",
-           "rtx-4090_factorized-197m-s1024-b211-bf16-ckpt-compile", "rtx-4090_gpt2-355m-s1024-b94-fp16-ckpt-compile",
-           "a100-40gb_d12-s2048-b110-bf16-ckpt-compile", "a100-40gb_d12-s2048-b111-bf16-ckpt-compile",
-           "a100-40gb_d20-s1024-b139-bf16-ckpt-compile"}
+# On the same trainer: compiled jobs without checkpointing at the boundaries of the planner refitted to it, the compiled
+# matrix runs, and the compiled checkpointed boundaries the runs above left out.
+COMPILE = ROOT / "bench" / "results" / "gpu-compile-nomask-h200-2026-12-01.json"
+# The wrong verdicts run again.
+REPEATS = ROOT / "bench" / "results" / "gpu-repeats-h200-2026-12-01.json"
 
 
 def measured_entries() -> list[dict]:
     """The matrix and the capped fit runs of the trainer as it is (chunked loss, optimizer states made before
-    the first step), on an H200, re-planned by the planner as it is now; a run measured again replaces the first."""
-    paths = [*MEASURED, PAGE_CAP, FP32, FACTORIZED, EAGER, COMPILE_CKPT]
-    runs = {r["name"]: r for path in paths for r in json.loads(path.read_text())["results"]}
+    the first step, no causal mask under compile), on an H200, re-planned by the planner as it is now; a run
+    measured again replaces the first."""
+    runs = {r["name"]: r for path in [*MEASURED, PAGE_CAP, FP32, FACTORIZED, EAGER]
+            for r in json.loads(path.read_text())["results"] if not r["config"]["compile"]}
+    runs |= {r["name"]: r for path in (COMPILE_CKPT, COMPILE) for r in json.loads(path.read_text())["results"]}
     return [bench.record(r["part"], bench.config_of(r), r["measured"]) for r in runs.values()]
 
 
-def test_every_boundary_the_planner_draws_for_the_fit_parts_was_run_on_the_h200_but_those_named():
+def test_every_boundary_the_planner_draws_for_the_fit_parts_was_run_on_the_h200():
     ran_there = {e["name"] for e in measured_entries() if e["measured"]["status"] in ("ok", "oom")}
     drawn = {c.name for part in ("fit24", "fit40") for c in bench.configs_for(part, tiny=False)
              if c.lora or c.model != "llama-7b"}
-    assert drawn - ran_there == NOT_RUN
+    assert drawn <= ran_there
 
 
 def test_the_planners_verdicts_and_peaks_against_what_the_h200_measured():
     entries = measured_entries()
     verdicts = [e["verdict"] for e in entries if e["verdict"]["agrees"] is not None]
-    assert len(verdicts) == 19 + 190
-    # Three verdicts are wrong, each within 0.1 GiB of the card, where the allocator's part-used pages decide: one job
-    # the planner passed ran out of memory with 0.022 GiB to spare by its figure (while gpt2-355m compiled and
-    # checkpointed b176 ran with 0.015), and two ran that it refused (d12, 0.031 GiB inside the card by its figure
-    # before the 0.1 GiB of slack; d12 b237 at 24 GB ran out of memory with 0.098).
+    assert len(verdicts) == 19 + 222
+    # Four verdicts are wrong, each within 0.1 GiB of the card. One job the planner passed ran out of memory with
+    # 0.022 GiB to spare by its figure, its allocated peak right to 5 MiB: the allocator's part-used pages took more
+    # than the 0.1 GiB of slack (memory-peak-wrong-verdicts-*). Three ran that it refused: two d12 runs 0.031 GiB
+    # inside the card by its figure before the slack (d12 b237 at 24 GB ran out of memory with 0.098), and
+    # factorized-197m, whose recomputed layer the planner counts 0.128 GiB (0.6%) high.
     optimistic = [e["name"] for e in entries if e["verdict"]["predicted_fits"] and e["verdict"]["actual_fits"] is False]
     assert optimistic == ["rtx-4090_llama-160m-s1024-b207-bf16-ckpt-compile"]
     cautious = sorted(e["name"] for e in entries if e["verdict"]["agrees"] is False and not e["verdict"]["predicted_fits"])
-    assert cautious == ["a100-40gb_d12-s1024-b426-bf16-ckpt", "a100-40gb_d12-s2048-b213-bf16-ckpt"]
+    assert cautious == ["a100-40gb_d12-s1024-b426-bf16-ckpt", "a100-40gb_d12-s2048-b213-bf16-ckpt",
+                        "rtx-4090_factorized-197m-s1024-b211-bf16-ckpt-compile"]
     peaks = [e["error_pct"]["peak"] for e in entries if e["error_pct"]["peak"] is not None]
-    assert len(peaks) == 19 + 89 and max(abs(p) for p in peaks) < 10
+    assert len(peaks) == 19 + 103 and max(abs(p) for p in peaks) < 10
+
+
+def test_a_wrong_verdict_comes_out_the_same_when_the_job_runs_again():
+    first = {e["name"]: e["measured"] for e in measured_entries()}
+    again = json.loads(REPEATS.read_text())["results"]
+    assert len(again) == 7 and {r["name"] for r in again} >= {
+        "rtx-4090_llama-160m-s1024-b207-bf16-ckpt-compile", "rtx-4090_factorized-197m-s1024-b211-bf16-ckpt-compile"}
+    for run in again:
+        assert run["measured"]["status"] == first[run["name"]]["status"]
+        assert abs(run["measured"]["max_allocated_bytes"] - first[run["name"]]["max_allocated_bytes"]) < 2**20
 
 
 def test_with_the_optimizers_states_made_first_every_step_allocates_what_the_first_one_does():
