@@ -425,7 +425,7 @@ MOVE_HOSTS = """hosts:
   h100-b: {address: 192.0.2.2, profile: h100-80gb, price_usd_per_hour: 2.29}
   rtx4090: {address: 192.0.2.3, profile: rtx-4090, price_usd_per_hour: 0.35}
 """
-# batch_size auto picks micro-batch 40 on an H100: about 44 GiB.
+# batch_size auto picks micro-batch 40 on an H100: about 43.5 GiB.
 GPT2_MEDIUM = """name: medium
 model: gpt2-355m
 data: {sources: [{path: %s}], seq_len: 1024}
@@ -463,13 +463,13 @@ def lost_on_h100(tmp_home, monkeypatch):
     forget_connections()
 
 
-def test_a_run_that_needs_44gib_is_not_moved_to_a_24gb_host_and_is_told_where_it_fits(lost_on_h100, capsys):
+def test_a_run_that_needs_43gib_is_not_moved_to_a_24gb_host_and_is_told_where_it_fits(lost_on_h100, capsys):
     store, run, steps = lost_on_h100
     history = store.transitions(run.id)
     assert main(["resume", run.id, "--host", "rtx4090"]) == EXIT_REFUSED
     err = capsys.readouterr().err
     assert (f"run {run.id} was resolved for h100-80gb on h100-a (micro-batch 40 x 1 accumulation, bf16, kept on "
-            "resume); refused on rtx4090 (rtx-4090): needs 44.3 GiB but rtx4090 has 23.0 GiB usable") in err
+            "resume); refused on rtx4090 (rtx-4090): needs 43.5 GiB but rtx4090 has 23.0 GiB usable") in err
     assert f"fix: resume it on h100-b (h100-80gb), where it fits: runner resume {run.id} --host h100-b" in err
     assert "fix: start a new run there instead; batch_size auto picks a micro-batch that fits rtx4090" in err
     assert "or resume it there anyway with --force" in err and "Traceback" not in err
@@ -487,7 +487,7 @@ def test_the_same_run_moves_to_another_80gb_host(lost_on_h100):
 def test_force_moves_it_to_the_24gb_host_anyway_and_says_so(lost_on_h100, capsys):
     store, run, steps = lost_on_h100
     assert main(["resume", run.id, "--host", "rtx4090", "--force", "--detach"]) == 0
-    assert "needs 44.3 GiB but rtx4090 has 23.0 GiB usable: 21.3 GiB short; resuming it there anyway (--force)" \
+    assert "needs 43.5 GiB but rtx4090 has 23.0 GiB usable: 20.5 GiB short; resuming it there anyway (--force)" \
         in capsys.readouterr().err
     assert (store.get(run.id).host, steps[-1]) == ("rtx4090", ("launch", "rtx4090"))
 
