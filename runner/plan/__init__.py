@@ -18,7 +18,7 @@ from runner.plan.budget import Budget, Coverage, PhaseBudget, plan_budget
 from runner.plan.cost import Measured, ThroughputSource, estimate_cost
 from runner.plan.fixes import Fix, Variant, budget_fixes, memory_fixes
 from runner.plan.measured import measured_outcome, memory_check
-from runner.plan.memory import LoraShape, MemoryBreakdown, estimate_memory, lora_targets
+from runner.plan.memory import CAP_SLACK_BYTES, LoraShape, MemoryBreakdown, estimate_memory, lora_targets
 from runner.presets import ModelShape
 from runner.resolved import ResolvedRun, StagePlan
 from runner.spec import Experiment, Job, resolve_shape
@@ -247,6 +247,10 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
                                   pretrained=pretrained))
     elif memory.outcome is not None and memory.margin_bytes < AUTO_MARGIN * memory.capacity_bytes:
         warnings.append(f"the estimate needs {need}{stage}, and {memory.outcome.said()}")
+    elif memory.device == "cuda" and memory.margin_bytes < CAP_SLACK_BYTES:
+        # Measured jobs this close to a full card went either way, each the same way every time it ran.
+        warnings.append(f"only {format_bytes(memory.margin_bytes)} to spare: this close to a full card the allocator's "
+                        "part-used pages decide, and measured jobs went either way; a run here settles it for this host")
     elif memory.margin_bytes < AUTO_MARGIN * memory.capacity_bytes:
         warnings.append(f"only {format_bytes(memory.margin_bytes)} to spare; the estimate is good to about 10%")
 
