@@ -76,7 +76,7 @@ Device = Literal["cuda", "mps", "cpu"]
 # of 0.52h, two of 0.13h: 2.3h) and the MLP's input and GELU output (4i): 20.06h + 4i.
 # Both then raised by 0.1h: ten capped and matrix runs on that trainer (d12, d20, gpt2-124m,
 # gpt2-355m, llama-160m, llama-1b, factorized-197m; seq 512 to 2048) allocated 0.04-0.10h
-# per layer more than the histories' figure; 13 boundaries drawn after held out of sample.
+# per layer more than the histories' figure; 13 runs at the 7 boundaries drawn after held out of sample.
 # No measurement covers gpt2 with a half base or fp32 under compile: those take the
 # nearest mode that saves more (autocast, fp32).
 _ACTIVATION: dict[tuple[str, str], tuple[float, float, float]] = {
