@@ -17,7 +17,7 @@
 # It builds with the classic builder (no BuildKit features), which is what the
 # Docker SDK for Python drives.
 
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.6-cudnn9-runtime
 
 # --- dependencies: rebuilt only when pyproject.toml, the wheels or the build args change ----
 FROM ${BASE_IMAGE} AS deps
@@ -38,11 +38,14 @@ RUN set -eu; \
     pip="/opt/runner/bin/pip install --no-cache-dir --find-links /build/wheels"; \
     [ -z "$OFFLINE" ] || pip="$pip --no-index"; \
     [ -z "$INDEX_URL" ] || pip="$pip --index-url $INDEX_URL"; \
-    # A torch wheel in the build context wins over any index.
-    if ls /build/wheels/torch-*.whl >/dev/null 2>&1; then \
-        /opt/runner/bin/pip install --no-cache-dir --no-index --find-links /build/wheels torch; \
-    elif [ -n "$TORCH_INDEX_URL" ]; then \
-        $pip --index-url "$TORCH_INDEX_URL" torch; \
+    # A family that takes torch from an index (CPU) takes a torch wheel in the build context
+    # first; one that keeps its base image's CUDA torch never does (the wheel there is a CPU build).
+    if [ -n "$TORCH_INDEX_URL" ]; then \
+        if ls /build/wheels/torch-*.whl >/dev/null 2>&1; then \
+            /opt/runner/bin/pip install --no-cache-dir --no-index --find-links /build/wheels torch; \
+        else \
+            $pip --index-url "$TORCH_INDEX_URL" torch; \
+        fi; \
     fi; \
     /opt/runner/bin/python -c 'import tomllib; p = tomllib.load(open("/build/wheels/pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["train"]))' \
         > /build/requirements.txt; \

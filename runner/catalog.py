@@ -23,6 +23,7 @@ CATALOG_PATH = Path(__file__).parent / "data" / "catalog.yaml"
 Precision = Literal["fp32", "tf32", "fp16", "bf16", "fp8"]
 TrainPrecision = Literal["fp32", "fp16", "bf16", "fp8"]
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+Arch = Literal["volta", "ampere", "ada", "hopper", "apple", "cpu"]
 
 
 class Profile(BaseModel):
@@ -33,7 +34,7 @@ class Profile(BaseModel):
     id: str
     name: str
     device: Literal["cuda", "mps", "cpu"]
-    arch: Literal["volta", "ampere", "ada", "hopper", "apple", "cpu"]
+    arch: Arch
     memory_bytes: Bytes = Field(alias="memory", gt=0)
     usable_share: float = Field(gt=0, le=1)
     runtime_bytes: Bytes = Field(alias="runtime_memory", ge=0)

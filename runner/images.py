@@ -30,7 +30,7 @@ from typing import IO, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import runner
-from runner.catalog import Profile, suggest
+from runner.catalog import Arch, Profile, suggest
 from runner.errors import EXIT_FAILED, UserError
 from runner.yamldoc import load_file
 
@@ -40,7 +40,7 @@ OFFLINE_ENV = "RUNNER_IMAGE_OFFLINE"  # 1: pip installs only from the wheels in 
 INDEX_URL_ENV = "RUNNER_PIP_INDEX_URL"  # a package index (mirror) for the dependency layer
 WHEELS_DIR = ".cache/wheels"  # inside the build context; the Dockerfile's WHEELS default
 WHEELS_STAMP = ".fetched.sha256"  # in WHEELS_DIR: what the wheels there were fetched for
-IMAGE_PYTHON = "3.11"  # the Python of every base image in the catalog, which the fetched wheels must fit
+IMAGE_PYTHON = "3.11"  # the Python of the offline base image, which the fetched wheels must fit
 HASHED_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".txt"}
 
 
@@ -57,6 +57,7 @@ class ImageFamily(BaseModel):
     offline_base_image: str | None = None  # a locally built base to use where base_image cannot be pulled
     extra_packages: list[str] = []
     gpu: Literal["nvidia", "none"]
+    arches: list[Arch] = Field(min_length=1)  # the GPU architectures its torch build has kernels for
     precisions: list[Literal["fp32", "fp16", "bf16", "fp8"]] = Field(min_length=1)
     profiles: list[str] = []
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from runner import images
 from runner.catalog import load_catalog
@@ -79,6 +84,33 @@ def test_every_hardware_profile_uses_a_family_that_lists_it():
             assert family is None
         else:
             assert profile.id in family.profiles, (profile.id, family.name)
+
+
+def test_every_profile_runs_in_a_family_whose_torch_build_has_kernels_for_its_architecture():
+    for profile in load_catalog().profiles.values():
+        family = images.family_for(profile)
+        if family is not None:
+            assert profile.arch in family.arches, (profile.id, family.name)
+
+
+def torch_floors() -> list[Requirement]:
+    """Every torch requirement the image's training stack states: pyproject's, and those of the installed
+    libraries, including those behind their `torch` extra (which `pip install transformers` never checks)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    found = [Requirement(r) for r in project["optional-dependencies"]["train"]]
+    for dependency in [r.name for r in found if r.name != "torch"]:
+        found += [Requirement(r) for r in importlib.metadata.requires(dependency) or []]
+    return [r for r in found if r.name == "torch" and (r.marker is None or r.marker.evaluate({"extra": "torch"}))]
+
+
+def test_the_cuda_images_torch_is_one_the_trainers_libraries_accept():
+    floors = torch_floors()
+    assert any(r.specifier.contains("2.6") and not r.specifier.contains("2.5.1") for r in floors)  # transformers 5
+    for family in images.load_images().families.values():
+        if family.torch == "base image":
+            torch = Version(re.fullmatch(r"pytorch/pytorch:([\d.]+)-cuda[\d.]+-cudnn\d+-runtime",
+                                         family.base_image).group(1))
+            assert all(r.specifier.contains(torch) for r in floors), (family.name, torch)
 
 
 def test_hopper_gets_fp8_through_torchao_and_cpu_torch_from_the_cpu_index():
