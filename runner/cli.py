@@ -812,10 +812,11 @@ def hosts_probe(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from runner.hosts import load_inventory
-    from runner.probe import probe_host
+    from runner.probe import blockers, image_family, probe_host
     from runner.units import format_bytes
 
-    found = probe_host(load_inventory(args.hosts_file).get(args.name))
+    host = load_inventory(args.hosts_file).get(args.name)
+    found = probe_host(host)
     if args.json:
         print(json.dumps(asdict(found), indent=2))
         return EXIT_OK
@@ -831,6 +832,12 @@ def hosts_probe(args: argparse.Namespace) -> int:
           f"nvidia runtime: {'yes' if found.nvidia_runtime else 'no'}")
     print(f"  disk free: {format_bytes(found.disk_free_bytes)}; python: {found.python_version or '-'}")
     print(f"  plans as profile {found.profile}")
+    family = image_family(host, found.profile)
+    if family is not None:
+        problems = blockers(found, family)
+        print(f"  image {family.name} ({family.base_image}): " + ("cannot run here yet" if problems else "runs here"))
+        for problem in problems:
+            print(f"    - {problem}")
     return EXIT_OK
 
 

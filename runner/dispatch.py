@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from runner import images
+from runner import images, probe
 from runner.backends import (DEFAULT_GRACE_S, LOG_FILE, Backend, LaunchSpec, Status, choose_backend, get_backend,
                              trainer_env)
 from runner.backends.native import process_alive
@@ -115,6 +115,7 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
                 raise UserError(f"profile {hw.profile.id} runs natively, but a host over SSH runs the trainer "
                                 "in a container", field=target.name, hint="give the host a container profile")
             image = images.image_for(family)
+            _check_probed(job, [inventory.get(h) for h in spread_over or [target.name]], hw.profile, force)
         prepared.append(Prepared(job, target, hw, plan, resolved, chosen, image))
     return prepared
 
@@ -136,6 +137,28 @@ def _node_errors(job: Job, node_hosts: list[str] | None, inventory: Inventory) -
     if len(set(chosen)) < nodes:
         return [job.error(field, f"the {nodes} hosts of a multi-host run must differ: {', '.join(chosen)}")]
     return []
+
+
+def probe_blockers(host: Host, profile: Profile) -> list[str]:
+    """What the last probe of an SSH host found that keeps its image from running there (no engine, no
+    NVIDIA Container Toolkit, a driver too old for its CUDA); empty when it was never probed."""
+    cached = probe.read_cached(host.name)
+    found = probe.blockers(cached, probe.image_family(host, profile.id)) if cached else []
+    return [f"{problem} (probed {cached.probed_at})" for problem in found]
+
+
+def _check_probed(job: Job, targets: list[Host], profile: Profile, force: bool) -> None:
+    """Refuse SSH hosts whose last probe found the job's image cannot run there, unless ``force``."""
+    for host in targets:
+        problems = probe_blockers(host, profile)
+        if not problems:
+            continue
+        said = f"{host.name} cannot run the {images.family_for(profile).name} image: " + "; ".join(problems)
+        if not force:
+            raise UserError(said, file=job.file, field=job.name, exit_code=EXIT_REFUSED,
+                            hint=f"fix it on the host, then `runner hosts probe {host.name}` again; "
+                                 "or run it anyway with --force")
+        _stderr(f"warning: {job.name}: {said}; running anyway (--force)")
 
 
 def refusal(job: Job, plan: Plan) -> UserError:
@@ -616,7 +639,7 @@ def move_refusal(store: Store, run: Run, target: Host, inventory: Inventory) -> 
 
     def why_not(host: Host) -> tuple[Plan, list[str]]:
         plan = plan_resolved(resolved, host, job_file=run.job_file, inventory=inventory, throughput=throughput)
-        reasons = list(plan.reasons)
+        reasons = list(plan.reasons) + probe_blockers(host, hardware(host).profile)
         total, free = hardware(host).gpus, free_slots(store, host)
         if free < resolved.gpus <= total:
             slots = "GPUs" if plan.device == "cuda" else "slots"  # a host without GPUs has one slot

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -60,6 +61,12 @@ class ImageFamily(BaseModel):
     arches: list[Arch] = Field(min_length=1)  # the GPU architectures its torch build has kernels for
     precisions: list[Literal["fp32", "fp16", "bf16", "fp8"]] = Field(min_length=1)
     profiles: list[str] = []
+
+    @property
+    def cuda_version(self) -> tuple[int, int] | None:
+        """The CUDA its base image's torch was built for, read off the tag (``...-cuda12.6-...``); None for CPU."""
+        found = re.search(r"-cuda(\d+)\.(\d+)", self.base_image)
+        return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 class ImageCatalog(BaseModel):

@@ -15,8 +15,13 @@ from pathlib import Path
 
 from runner import hosts, ssh
 from runner.errors import UserError
+from runner.catalog import load_catalog
+from runner.images import ImageFamily, family_for
 
 PROBE_TIMEOUT_S = 60.0
+# The oldest Linux driver of each CUDA major version (NVIDIA's CUDA toolkit release notes, table 3):
+# any driver of the major runs every minor's runtime through CUDA's minor-version compatibility.
+MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
 
 # Each section starts with a marker line; a missing tool leaves its section empty.
 PROBE_SCRIPT = r"""
@@ -103,6 +108,40 @@ def parse_gpus(lines: list[str]) -> tuple[GPU, ...]:
         except (ValueError, IndexError):
             continue  # "[N/A]" and the like: not a usable GPU line
     return tuple(gpus)
+
+
+def image_family(host: hosts.Host, profile_id: str) -> ImageFamily | None:
+    """The image an SSH host trains in; None for this machine (it may train natively) and native SSH hosts."""
+    if host.kind != "ssh" or host.backend == "native":
+        return None
+    return family_for(load_catalog().get(profile_id))
+
+
+def blockers(found: HostProbe, family: ImageFamily | None) -> list[str]:
+    """What keeps the trainer's image ``family`` from running on a probed host; empty when nothing does.
+
+    None for a host that trains natively, outside a container: nothing to check here.
+    """
+    if family is None:
+        return []
+    found_blockers = []
+    if found.docker_version is None:
+        found_blockers.append("no Docker Engine answers this user (install one, or add the user to the docker group)")
+    if family.gpu == "nvidia" and found.gpus:
+        if not found.nvidia_runtime:
+            found_blockers.append("the NVIDIA Container Toolkit is not installed: containers cannot reach the GPUs")
+        needs, driver = family.cuda_version, _major(found.cuda_version)
+        if needs and driver is not None and driver < needs[0]:
+            found_blockers.append(
+                f"driver {found.gpus[0].driver_version} runs CUDA {found.cuda_version} at most; the {family.name} image "
+                f"runs CUDA {needs[0]}.{needs[1]}, which needs driver {MIN_DRIVER.get(needs[0], 'a newer driver')} "
+                f"or newer")
+    return found_blockers
+
+
+def _major(version: str | None) -> int | None:
+    head = (version or "").split(".")[0]
+    return int(head) if head.isdigit() else None
 
 
 def parse_probe(text: str, *, host: str, probed_at: str | None = None) -> HostProbe:

@@ -116,12 +116,13 @@ def trainer_image(docker_engine: docker.DockerClient, tmp_path_factory: pytest.T
 
 @pytest.fixture
 def tmp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh HOME for CLI tests, with XDG_CONFIG_HOME, XDG_DATA_HOME and RUNNER_HOME inside it."""
+    """A fresh HOME for CLI tests, with XDG_CONFIG_HOME, XDG_DATA_HOME, XDG_CACHE_HOME and RUNNER_HOME inside it."""
     home = tmp_path / "home"
     locations = {
         "HOME": home,
         "XDG_CONFIG_HOME": home / ".config",
         "XDG_DATA_HOME": home / ".local" / "share",
+        "XDG_CACHE_HOME": home / ".cache",
         "RUNNER_HOME": home / ".runner",
     }
     for variable, path in locations.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner import probe
+from runner import images, probe
 
 A100_HOST = """@@os
 PRETTY_NAME="Ubuntu 22.04.4 LTS"
@@ -60,6 +60,30 @@ def test_a_host_without_tools_probes_as_cpu_with_nothing_invented():
     found = probe.parse_probe("@@os\n@@gpus\n@@docker\n@@runtimes\n@@disk\n@@python\n@@end\n", host="bare")
     assert (found.gpus, found.docker_version, found.nvidia_runtime, found.python_version) == ((), None, False, None)
     assert found.profile == "cpu"
+
+
+def test_a_cuda_12_driver_runs_both_cuda_images_through_minor_version_compatibility():
+    found = probe.parse_probe(A100_HOST, host="a100")  # driver 535, CUDA 12.2 at most
+    families = images.load_images()
+    assert probe.blockers(found, families.get("cuda-ampere")) == []  # CUDA 12.6
+    assert probe.blockers(found, families.get("cuda-hopper")) == []  # CUDA 12.8
+    assert probe.blockers(found, None) == []  # a native host: no image
+
+
+def test_an_old_driver_a_missing_toolkit_or_engine_keeps_the_image_from_running_and_says_what_to_install():
+    old = probe.parse_probe(A100_HOST.replace("535.104.05", "520.61.05").replace("@@cuda\n12.2", "@@cuda\n11.8"),
+                            host="a100")
+    ampere = images.load_images().get("cuda-ampere")
+    assert probe.blockers(old, ampere) == [
+        "driver 520.61.05 runs CUDA 11.8 at most; the cuda-ampere image runs CUDA 12.6, which needs driver "
+        "525.60.13 or newer"]
+    bare = probe.parse_probe("@@gpus\nNVIDIA GeForce RTX 4090, 24564 MiB, 0 MiB, 550.54.14\n@@cuda\n12.4\n"
+                             "@@docker\n@@runtimes\n@@end\n", host="box")
+    assert probe.blockers(bare, ampere) == [
+        "no Docker Engine answers this user (install one, or add the user to the docker group)",
+        "the NVIDIA Container Toolkit is not installed: containers cannot reach the GPUs"]
+    cpu_box = probe.parse_probe("@@os\n@@gpus\n@@docker\n27.1\n@@end\n", host="box")
+    assert probe.blockers(cpu_box, images.load_images().get("cpu")) == []
 
 
 def test_a_probe_cut_short_is_refused():

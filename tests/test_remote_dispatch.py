@@ -23,7 +23,7 @@ import docker.errors
 import pytest
 
 from conftest import OFFLINE_IMAGE_ENV, TEST_SESSION
-from runner import dispatch, images, ssh, sync
+from runner import dispatch, images, probe, ssh, sync
 from runner.backends.ssh import SSHBackend, build_on_host, ensure_remote_image, remote_has_image, send_image
 from runner.cli import main
 from runner.errors import EXIT_REFUSED, UserError
@@ -318,6 +318,7 @@ def test_an_unknown_or_changed_host_key_is_refused_with_its_fingerprint_until_tr
         assert main(["hosts", "probe", "host2"]) == 0
         out = capsys.readouterr().out
         assert "docker: " in out and "no engine" not in out and "plans as profile cpu" in out
+        assert "image cpu (python:3.11-slim-bookworm): runs here" in out
     finally:
         trust_all(hosts.values())
 
@@ -502,4 +503,36 @@ def test_a_move_to_a_host_whose_gpu_another_run_holds_is_refused_until_it_ends(l
     assert refused.value.message.endswith("runs active on h100-b hold 1 of its 1 GPUs; this run needs 1")
     assert "start a new run" not in refused.value.hint  # h100-b is right for it, once free
     store.transition(other.id, "cancelled", "done")
+    assert dispatch.resume(store, run.id, host="h100-b", say=lambda _: None).host == "h100-b"
+
+
+# h100-b's last probe: a driver for CUDA 11.8, older than the cuda-hopper image's CUDA 12.8 needs.
+OLD_DRIVER_PROBE = """@@gpus
+NVIDIA H100 80GB HBM3, 81559 MiB, 0 MiB, 520.61.05
+@@cuda
+11.8
+@@docker
+24.0.7
+@@runtimes
+/usr/bin/nvidia-container-runtime
+@@end
+"""
+
+
+def test_a_host_whose_probe_found_a_driver_too_old_for_the_image_is_refused_until_probed_again(lost_on_h100,
+                                                                                              tmp_home, capsys):
+    store, run, steps = lost_on_h100
+    probe.save(probe.parse_probe(OLD_DRIVER_PROBE, host="h100-b", probed_at="2026-12-01T00:00:00+00:00"))
+    said = ("driver 520.61.05 runs CUDA 11.8 at most; the cuda-hopper image runs CUDA 12.8, which needs driver "
+            "525.60.13 or newer (probed 2026-12-01T00:00:00+00:00)")
+    assert main(["run", str(tmp_home / "medium.yaml"), "--host", "h100-b", "--detach"]) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert f"h100-b cannot run the cuda-hopper image: {said}" in err and "runner hosts probe h100-b" in err
+    assert store.runs() == [run]  # nothing started
+    # Moving the lost run there is refused for the same reason, before anything is pulled.
+    assert main(["resume", run.id, "--host", "h100-b"]) == EXIT_REFUSED
+    assert said in capsys.readouterr().err and steps == []
+    # A probe that finds a newer driver clears the way.
+    probe.save(probe.parse_probe(OLD_DRIVER_PROBE.replace("520.61.05", "550.54.15").replace("11.8", "12.4"),
+                                 host="h100-b"))
     assert dispatch.resume(store, run.id, host="h100-b", say=lambda _: None).host == "h100-b"

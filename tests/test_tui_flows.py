@@ -84,6 +84,24 @@ async def test_hosts_show_reachability_probe_cache_and_running_jobs(stored):
         assert rows["spare"][3] == "auto"
 
 
+async def test_a_host_whose_probe_found_an_old_driver_says_why_its_image_cannot_run_there(world):  # noqa: F811
+    from dataclasses import replace
+
+    from runner import probe
+
+    found = probe.read_cached("rtx4090")
+    probe.save(replace(found, cuda_version="11.8", gpus=(replace(found.gpus[0], driver_version="520.61.05"),)))
+    app = RunnerApp(world.settings())
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("1")
+        await settle(pilot)
+        await pilot.press("down")  # local, then rtx4090
+        await settle(pilot)
+        text = " ".join(screen_text(app).split())
+        assert ("cannot run the cuda-ampere image: driver 520.61.05 runs CUDA 11.8 at most; the cuda-ampere image "
+                "runs CUDA 12.6, which needs driver 525.60.13 or newer") in text
+
+
 async def test_probing_local_fills_in_its_last_probe(world):  # noqa: F811
     app = RunnerApp(world.settings())
     async with app.run_test(size=(80, 24)) as pilot:

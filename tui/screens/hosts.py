@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from runner.errors import UserError, UserErrors
 from runner.hosts import Host, Inventory
-from runner.probe import HostProbe
+from runner.probe import HostProbe, blockers, image_family
 from runner.ssh import HostKey
 from tui.widgets.nav import NavBar
 
@@ -325,6 +325,8 @@ class HostsScreen(Screen):
             gpus = ", ".join(dict.fromkeys(g.name for g in p.gpus)) or "no GPU"
             lines.append(f"probe: {p.os_name} · {gpus} · CUDA {p.cuda_version or '-'} · "
                          f"docker {p.docker_version or '-'}{' (nvidia runtime)' if p.nvidia_runtime else ''}")
+            family = image_family(host, p.profile)
+            lines += [f"[red]cannot run the {family.name} image:[/red] {problem}" for problem in blockers(p, family)]
         detail.update("\n".join(lines))
 
 
