@@ -16,7 +16,7 @@ from runner import presets
 from runner.errors import UserError
 from runner.resolved import ResolvedRun, StagePlan
 from runner.spec import Experiment
-from runner.trainer.models import CAUSAL_SDPA, build_model, config_from_shape, lora_targets
+from runner.trainer.models import CAUSAL_SDPA, build_model, config_from_shape, fp8_eligible, lora_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -84,6 +84,18 @@ def test_lora_auto_targets_attention_projections_for_llama_and_gpt2():
     gpt2 = AutoModelForCausalLM.from_config(config_from_shape(presets.with_overrides(
         presets.PRESETS["gpt2-124m"], {"layers": 1, "hidden": 64, "heads": 2, "intermediate": 128})))
     assert lora_targets(gpt2, experiment("tiny", lora={"rank": 2}).lora) == ["c_attn", "c_proj"]
+
+
+def test_fp8_converts_a_llamas_linear_layers_and_refuses_gpt2_whose_blocks_are_conv1d():
+    tiny_gpt2 = {"preset": "gpt2-124m", "overrides": {"layers": 1, "hidden": 64, "heads": 2, "intermediate": 128}}
+    with pytest.raises(UserError, match="fp8 has no layer to convert in this GPT2LMHeadModel"):
+        build_model(experiment(tiny_gpt2), ROOT, CPU, "fp8")
+    llama = build_model(experiment("tiny"), ROOT, CPU, "fp32").model
+    eligible = [name for name, module in llama.named_modules() if fp8_eligible(module, name)]
+    assert {name.split(".")[-1] for name in eligible} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"}
+    with pytest.raises(UserError, match="fp8 training needs a CUDA GPU"):  # this machine has none
+        build_model(experiment("tiny"), ROOT, CPU, "fp8")
 
 
 def test_quantization_without_bitsandbytes_is_a_clear_user_error():

@@ -178,6 +178,11 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         reasons.append(f"{precision} is not supported on {prof.id} (supported: {', '.join(prof.precisions)})")
         fixes.append(Fix(f"precision {prof.default_precision}", (f"train.precision={prof.default_precision}",)))
         precision = prof.default_precision
+    if precision == "fp8" and shape.arch == "gpt2":
+        reasons.append("fp8 trains nn.Linear layers in float8 (torchao), and GPT-2's blocks are Conv1D layers: "
+                       "nothing of it would train in fp8")
+        fixes.append(Fix("precision bf16", ("train.precision=bf16",)))
+        precision = "bf16"
     compile_ = prof.device == "cuda" if train.compile == "auto" else bool(train.compile)
     lora = LoraShape(spec.lora.rank, lora_targets(shape, spec.lora.target_modules)) if spec.lora else None
     pretrained = spec.model.pretrained

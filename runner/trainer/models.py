@@ -213,7 +213,18 @@ def _add_lora(model: nn.Module, spec: LoraSpec, *, quantized: bool, checkpointin
     return model
 
 
+def fp8_eligible(module: nn.Module, name: str) -> bool:
+    """A layer torchao's float8 training converts: an nn.Linear with both dimensions divisible by 16, not the
+    LM head (it stays in bf16 for accuracy). GPT-2's blocks are transformers' Conv1D, so none of theirs is."""
+    return (isinstance(module, nn.Linear) and "lm_head" not in name
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
 def _convert_fp8(model: nn.Module, device: torch.device) -> None:
+    if not any(fp8_eligible(module, name) for name, module in model.named_modules()):
+        raise UserError(f"precision fp8 has no layer to convert in this {type(model).__name__}: float8 trains "
+                        "nn.Linear layers, and this model has none it can take", field="train.precision",
+                        hint="use bf16, or a llama-style model")
     if device.type != "cuda":
         raise UserError("fp8 training needs a CUDA GPU (Ada or Hopper)", field="train.precision")
     try:
@@ -221,13 +232,7 @@ def _convert_fp8(model: nn.Module, device: torch.device) -> None:
     except ImportError:
         raise UserError("precision fp8 needs the torchao package, which is not installed",
                         field="train.precision", hint="pip install torchao, or use bf16") from None
-
-    def eligible(module: nn.Module, name: str) -> bool:
-        # float8 matmuls need dimensions divisible by 16; the LM head stays in bf16 for accuracy
-        return (isinstance(module, nn.Linear) and "lm_head" not in name
-                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-    convert_to_float8_training(model, module_filter_fn=eligible)
+    convert_to_float8_training(model, module_filter_fn=fp8_eligible)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
