@@ -28,6 +28,10 @@ from runner.yamldoc import Doc
 __all__ = ["Plan", "Fix", "MemoryBreakdown", "Measured", "ThroughputSource", "plan_job", "plan_hosts", "resolve",
            "plan_resolved"]
 
+# float8 matmuls pay for their casts only when they are wide: d12 (width 768) trained at 0.99x bf16's tokens/s
+# on an H200 (torchao 0.18, compiled, 2026-12-02; docs/benchmarks.md), while torchao reports up to 1.25x for
+# Llama3-8B (width 4096) on 8 H100s. Narrower models are planned at bf16's rate.
+FP8_MIN_WIDTH = 4096
 AUTO_MARGIN = 0.10  # batch_size auto leaves this share of capacity free: the memory model is good to ~10%
 MAX_AUTO_MICRO_BATCH = 1024
 
@@ -277,8 +281,14 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
     stage_steps = [budget.steps if s.steps is None else s.steps for s in budget.stages]
     stage_tokens = [(s.seq_len, steps * s.tokens_per_step(world), steps * s.grad_accum)
                     for s, steps in zip(budget.stages, stage_steps)]
+    rate = precision
+    if precision == "fp8" and shape.hidden < FP8_MIN_WIDTH:
+        rate = "bf16"
+        warnings.append(f"fp8 is planned at bf16's speed: at width {shape.hidden} float8's casts cost what its "
+                        f"matmuls save (d12, width 768, trained at 0.99x bf16's tokens/s on an H200); it pays from "
+                        f"about width {FP8_MIN_WIDTH}")
     cost = estimate_cost(
-        shape, stage_tokens, peak_flops=prof.peak_flops(precision), efficiency=prof.efficiency[precision],
+        shape, stage_tokens, peak_flops=prof.peak_flops(rate), efficiency=prof.efficiency[rate],
         gpus=world, price_usd_per_hour=hw.price_usd_per_hour * train.nodes, lora=spec.lora is not None,
         gradient_checkpointing=train.gradient_checkpointing, max_cost_usd=spec.budget.max_cost_usd,
         max_hours=spec.budget.max_hours, measured={s.seq_len: m for s, m in zip(budget.stages, measured)})
