@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from runner.spec import DataSpec, Experiment
-from runner.trainer.data import IGNORE, Corpus, RowStream, SourceTokens, mixture_weights, tokenize_sources
+from runner.trainer.data import IGNORE, Corpus, RowStream, SourceTokens, eval_batches, mixture_weights, tokenize_sources
 from runner.trainer.tokenizer import fingerprint, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,3 +125,18 @@ def test_tokenization_is_cached_by_data_tokenizer_and_settings(news, monkeypatch
     with pytest.raises(AssertionError, match="read again"):  # another validation share is another key
         tokenize_sources(Corpus(ROOT, cache, seed=1), data.model_copy(update={"validation": 0.1}),
                          tokenizer, fingerprint(tokenizer))
+
+
+def test_a_validation_split_smaller_than_a_micro_batch_is_evaluated_as_one_smaller_batch():
+    def source(val_tokens: int) -> SourceTokens:
+        val = np.arange(val_tokens, dtype=np.int64)
+        return SourceTokens("s", np.zeros(0, np.int64), np.zeros(1, np.int64), val, np.array([0, val_tokens]))
+
+    # 5 rows of seq_len 8 (each needs 9 tokens, the last one's target) against a micro-batch of 32: one batch of 5.
+    (inputs, targets), = eval_batches([source(5 * 8 + 1)], seq_len=8, micro_batch=32, max_batches=4,
+                                      packing=True, pad_id=0)
+    assert inputs.shape == targets.shape == (5, 8) and (targets[:, :-1] == inputs[:, 1:]).all()
+    # Enough rows for whole micro-batches: only whole ones, as before.
+    assert [x.shape for x, _ in eval_batches([source(70 * 8 + 1)], 8, 32, 4, True, 0)] == [(32, 8), (32, 8)]
+    # Less than one row: nothing to evaluate (the trainer says so in its log).
+    assert eval_batches([source(8)], 8, 32, 4, True, 0) == []

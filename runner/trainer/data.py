@@ -311,7 +311,11 @@ _PAD_SENTINEL = -1  # marks padding inside a row until targets are masked
 
 def eval_batches(sources: list[SourceTokens], seq_len: int, micro_batch: int, max_batches: int,
                  packing: bool, pad_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A fixed set of validation batches, rows taken from the sources in turn."""
+    """A fixed set of validation batches, rows taken from the sources in turn.
+
+    Batches hold ``micro_batch`` rows; a validation split with fewer rows than that is
+    evaluated as one smaller batch rather than not at all.
+    """
     per_source: list[list[np.ndarray]] = []
     want = micro_batch * max_batches
     for s in sources:
@@ -329,6 +333,7 @@ def eval_batches(sources: list[SourceTokens], seq_len: int, micro_batch: int, ma
                 rows.append(row)
         per_source.append(rows)
     mixed = [r for group in _round_robin(per_source) for r in group][:want]
+    micro_batch = min(micro_batch, len(mixed)) or 1
     batches = []
     for start in range(0, len(mixed) - micro_batch + 1, micro_batch):
         window = np.stack(mixed[start:start + micro_batch])

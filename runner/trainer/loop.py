@@ -265,6 +265,9 @@ class Run:
             batches = eval_batches(sources, eval_stage.seq_len, eval_stage.micro_batch,
                                    exp.eval.max_batches * self.world.size, d.packing, pad_id) if d.validation > 0 else []
             self.evals.append([(self._device(x), self._device(y)) for x, y in distributed.share(self.world, batches)])
+            if d.validation > 0 and not batches and self.world.is_main:
+                print(f"warning: no evaluation: the validation split ({d.validation:g} of the data) holds fewer than "
+                      f"{eval_stage.seq_len + 1} tokens, one row at seq_len {eval_stage.seq_len}", flush=True)
         if exp.early_stopping and not self.evals[0]:
             raise UserError("early stopping needs validation data", field="data.validation",
                             hint="set data.validation above 0")
