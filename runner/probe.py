@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from runner import hosts, ssh
-from runner.errors import UserError
 from runner.catalog import load_catalog
+from runner.errors import UserError
 from runner.images import ImageFamily, family_for
 
 PROBE_TIMEOUT_S = 60.0
