@@ -96,6 +96,12 @@ def test_fp8_converts_a_llamas_linear_layers_and_refuses_gpt2_whose_blocks_are_c
                                                           "up_proj", "down_proj"}
     with pytest.raises(UserError, match="fp8 training needs a CUDA GPU"):  # this machine has none
         build_model(experiment("tiny"), ROOT, CPU, "fp8")
+    # Under LoRA the frozen base layers convert (the wrapped attention projections' and the MLP's); the fp32
+    # adapters, rank 16 wide, stay as they are.
+    lora = build_model(experiment("tiny", lora={"rank": 16}), ROOT, CPU, "fp32").model
+    names = {name.split(".", 5)[-1] for name, module in lora.named_modules() if fp8_eligible(module, name)}
+    assert names == {"self_attn.q_proj.base_layer", "self_attn.k_proj.base_layer", "self_attn.v_proj.base_layer",
+                     "self_attn.o_proj.base_layer", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
 
 
 def test_quantization_without_bitsandbytes_is_a_clear_user_error():

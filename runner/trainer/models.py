@@ -215,8 +215,9 @@ def _add_lora(model: nn.Module, spec: LoraSpec, *, quantized: bool, checkpointin
 
 def fp8_eligible(module: nn.Module, name: str) -> bool:
     """A layer torchao's float8 training converts: an nn.Linear with both dimensions divisible by 16, not the
-    LM head (it stays in bf16 for accuracy). GPT-2's blocks are transformers' Conv1D, so none of theirs is."""
-    return (isinstance(module, nn.Linear) and "lm_head" not in name
+    LM head (it stays in bf16 for accuracy) and not a LoRA adapter (it trains in fp32, and its rank-wide
+    matmuls are too small to gain). GPT-2's blocks are transformers' Conv1D, so none of theirs is."""
+    return (isinstance(module, nn.Linear) and "lm_head" not in name and "lora_" not in name
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
