@@ -817,8 +817,10 @@ def hosts_probe(args: argparse.Namespace) -> int:
 
     host = load_inventory(args.hosts_file).get(args.name)
     found = probe_host(host)
+    family = image_family(host, found.profile)
+    problems = blockers(found, family)
     if args.json:
-        print(json.dumps(asdict(found), indent=2))
+        print(json.dumps(asdict(found) | {"image": family.name if family else None, "blockers": problems}, indent=2))
         return EXIT_OK
     print(f"{found.host}: {found.os_name}, {found.kernel} ({found.arch}), {found.cpus} CPUs, "
           f"{format_bytes(found.memory_bytes)} RAM; probed {found.probed_at}")
@@ -832,9 +834,7 @@ def hosts_probe(args: argparse.Namespace) -> int:
           f"nvidia runtime: {'yes' if found.nvidia_runtime else 'no'}")
     print(f"  disk free: {format_bytes(found.disk_free_bytes)}; python: {found.python_version or '-'}")
     print(f"  plans as profile {found.profile}")
-    family = image_family(host, found.profile)
     if family is not None:
-        problems = blockers(found, family)
         print(f"  image {family.name} ({family.base_image}): " + ("cannot run here yet" if problems else "runs here"))
         for problem in problems:
             print(f"    - {problem}")

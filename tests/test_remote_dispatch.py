@@ -319,6 +319,9 @@ def test_an_unknown_or_changed_host_key_is_refused_with_its_fingerprint_until_tr
         out = capsys.readouterr().out
         assert "docker: " in out and "no engine" not in out and "plans as profile cpu" in out
         assert "image cpu (python:3.11-slim-bookworm): runs here" in out
+        assert main(["hosts", "probe", "host2", "--json"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        assert (found["gpus"], found["image"], found["blockers"]) == ([], "cpu", [])
     finally:
         trust_all(hosts.values())
 
