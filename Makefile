@@ -27,8 +27,9 @@ ensure-docker:
 ensure-sshd:
 	scripts/ensure-sshd.sh
 
+# --durations: the slowest tests in every log, to keep the whole suite well inside 20 minutes.
 test: venv ensure-docker ensure-sshd
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: venv
 	$(PYTHON) -m pytest -q -m "not docker and not ssh and not slow" $(PYTEST_ARGS)
