@@ -276,7 +276,7 @@ def test_with_the_optimizers_states_made_first_every_step_allocates_what_the_fir
 
 
 def test_12_mib_allocator_pages_let_more_jobs_run_at_the_card_but_no_constant_slack_separates_them_as_well():
-    # The 16-bit fit runs that ran out of memory within 0.16 GiB of the card, again with 12 MiB pages (not adopted).
+    # The fit runs that ran out of memory within 0.16 GiB of the card, again with 12 MiB pages (not adopted).
     again = {r["name"]: r["measured"]["status"] for r in json.loads(
         (ROOT / "bench" / "results" / "gpu-page12-h200-2026-12-02.json").read_text())["results"]}
     assert len(again) == 52 and list(again.values()).count("ok") == 17
