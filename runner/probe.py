@@ -132,10 +132,11 @@ def blockers(found: HostProbe, family: ImageFamily | None) -> list[str]:
             found_blockers.append("the NVIDIA Container Toolkit is not installed: containers cannot reach the GPUs")
         needs, driver = family.cuda_version, _major(found.cuda_version)
         if needs and driver is not None and driver < needs[0]:
+            minimum = MIN_DRIVER.get(needs[0])
             found_blockers.append(
                 f"driver {found.gpus[0].driver_version} runs CUDA {found.cuda_version} at most; the {family.name} image "
-                f"runs CUDA {needs[0]}.{needs[1]}, which needs driver {MIN_DRIVER.get(needs[0], 'a newer driver')} "
-                f"or newer")
+                f"runs CUDA {needs[0]}.{needs[1]}, which needs "
+                + (f"driver {minimum} or newer" if minimum else f"a driver for CUDA {needs[0]}"))
     return found_blockers
 
 

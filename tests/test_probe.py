@@ -82,6 +82,9 @@ def test_an_old_driver_a_missing_toolkit_or_engine_keeps_the_image_from_running_
     assert probe.blockers(bare, ampere) == [
         "no Docker Engine answers this user (install one, or add the user to the docker group)",
         "the NVIDIA Container Toolkit is not installed: containers cannot reach the GPUs"]
+    for cuda, needs in (("13.0", "driver 580.65.06 or newer"), ("14.0", "a driver for CUDA 14")):
+        newer = ampere.model_copy(update={"base_image": f"pytorch/pytorch:9.0.0-cuda{cuda}-cudnn9-runtime"})
+        assert probe.blockers(probe.parse_probe(A100_HOST, host="a100"), newer)[0].endswith(f"which needs {needs}")
     cpu_box = probe.parse_probe("@@os\n@@gpus\n@@docker\n27.1\n@@end\n", host="box")
     assert probe.blockers(cpu_box, images.load_images().get("cpu")) == []
 
