@@ -346,7 +346,7 @@ def _probe_one(store: Store, job_file: Path, host: str, *, label: str, shape: Mo
                 capacity_bytes=hw.capacity_bytes, probed_at=time.time())
     try:
         prepared = dispatch.prepare(job_file, experiment=experiment, host=host, sets=list(sets), backend=backend,
-                                    inventory=inventory)[0]
+                                    inventory=inventory, settle=True)[0]
     except UserError as exc:
         if exc.exit_code != EXIT_REFUSED:
             raise

@@ -226,7 +226,7 @@ def plan_json(plan: Plan) -> dict:
     if plan.memory is not None:
         m = plan.memory
         data["memory"].update(allocated_bytes=m.allocated_bytes, peak_bytes=m.peak_bytes,
-                              margin_bytes=m.margin_bytes, fits=m.fits)
+                              margin_bytes=m.margin_bytes, fits=m.fits, at_limit=m.at_limit)
     return data
 
 
@@ -258,7 +258,7 @@ def render_plans(out: Console, job: Any, plans: list[Plan], *, breakdown: bool) 
         if p.memory is None:
             table.add_row(p.host, "?", "no", "-", "-", "-", "-", "-", "-", "-", "")
             continue
-        ok = "yes" if p.passes else ("no: memory" if not p.fits else "no: caps")
+        ok = p.said_ok()
         batches = " / ".join(dict.fromkeys(f"{s.micro_batch}x{s.grad_accum}" for s in p.stages))
         table.add_row(
             p.host, p.profile, ok,

@@ -162,11 +162,14 @@ def test_runner_plan_refuses_a_micro_batch_that_ran_out_of_memory_on_the_host_an
 
 def test_the_breakdowns_verdict_says_what_decided_it(edge):
     assert plan(edge).memory.verdict() == "fits: spare"
-    assert plan(edge + 1).memory.verdict() == "does not fit: short"
+    closer = "by the estimate, closer to a full card than it can decide"
+    assert plan(edge + 1).memory.verdict() == f"at the limit: spare {closer}"
+    assert plan(edge + 2).memory.verdict() == f"at the limit: short {closer}"
+    assert plan(edge + 3).memory.verdict() == "does not fit: short"
     assert plan(edge, outcome(edge, ran=False)).memory.verdict() == (
         f"does not fit: micro-batch {edge} ran out of memory on rtx4090 (run r-{edge}); by the estimate: spare")
-    assert plan(edge + 1, outcome(edge + 1, ran=True)).memory.verdict() == (
-        f"fits: micro-batch {edge + 1} ran on rtx4090 (run r-{edge + 1}); by the estimate: short")
+    assert plan(edge + 2, outcome(edge + 2, ran=True)).memory.verdict() == (
+        f"fits: micro-batch {edge + 2} ran on rtx4090 (run r-{edge + 2}); by the estimate: short")
 
 
 def test_a_measured_peak_over_the_usable_memory_only_warns_where_that_micro_batch_ran(edge):
@@ -181,3 +184,40 @@ def test_a_measured_peak_over_the_usable_memory_only_warns_where_that_micro_batc
     ran = plan_job(job, "rtx4090", inventory=INVENTORY, throughput=Calibration((peak,), (outcome(edge, ran=True),)))
     assert ran.passes and any(w.startswith("measured peak ") and w.endswith(f"though micro-batch {edge} ran on rtx4090 "
                                                                              f"(run r-{edge})") for w in ran.warnings)
+
+
+def test_a_job_at_the_limit_of_the_card_is_refused_with_the_probe_that_settles_it(edge):
+    # gpt2-124m compiled and checkpointed on the 24 GB card: edge + 1 has 0.06 GiB to spare by the estimate and edge + 2
+    # is 0.07 short, where measured jobs went either way; edge + 3 is 0.2 short, where none ran.
+    for micro_batch in (edge + 1, edge + 2):
+        at_limit = plan(micro_batch)
+        assert at_limit.at_limit and not at_limit.fits and not at_limit.passes and at_limit.said_ok() == "no: at limit"
+        (reason,) = at_limit.reasons
+        assert reason.startswith("at the limit: needs ") and reason.endswith(
+            f"a probe there settles it: runner probe rtx4090 --job {ROOT / 'jobs' / 'fin-cpt-4090.yaml'} --experiment "
+            f"fin-news --set train.batch_size={micro_batch} --set budget.max_cost_usd=null "
+            "--set train.gradient_checkpointing=true")
+        assert "train.batch_size=" in at_limit.fixes[0].command_hint()  # the nearest micro-batch the estimate fits
+        # What the probe (or any run) finds decides, either way.
+        assert plan(micro_batch, outcome(micro_batch, ran=True)).passes
+        refused = plan(micro_batch, outcome(micro_batch, ran=False))
+        assert not refused.passes and not refused.at_limit and "ran out of memory" in refused.reasons[0]
+    assert not plan(edge + 3).at_limit and plan(edge + 3).said_ok() == "no: memory"
+
+
+def test_a_probe_runs_a_job_refused_only_for_being_at_the_limit_and_nothing_else(edge):
+    from runner import dispatch
+    from runner.errors import EXIT_REFUSED, UserError
+
+    job_file = ROOT / "jobs" / "fin-cpt-4090.yaml"
+    sets = [f"train.batch_size={edge + 1}", "budget.max_cost_usd=null", "train.gradient_checkpointing=true"]
+    with pytest.raises(UserError) as refused:
+        dispatch.prepare(job_file, experiment="fin-news", host="rtx4090", sets=sets, inventory=INVENTORY)
+    assert refused.value.exit_code == EXIT_REFUSED and "at the limit" in refused.value.message
+    (probed,) = dispatch.prepare(job_file, experiment="fin-news", host="rtx4090", sets=sets, inventory=INVENTORY,
+                                 settle=True)
+    assert probed.plan.passes and probed.resolved.stages[0].micro_batch == edge + 1
+    # Over a money cap too, it is refused all the same: the probe settles memory, not the rest.
+    with pytest.raises(UserError, match="over max_cost_usd"):
+        dispatch.prepare(job_file, experiment="fin-news", host="rtx4090", inventory=INVENTORY, settle=True,
+                         sets=[*sets[:1], "budget.max_cost_usd=0.01", *sets[2:]])

@@ -9,6 +9,7 @@ resolved, fits another host. Nothing here imports torch.
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -18,7 +19,8 @@ from runner.plan.budget import Budget, Coverage, PhaseBudget, plan_budget
 from runner.plan.cost import Measured, ThroughputSource, estimate_cost
 from runner.plan.fixes import Fix, Variant, budget_fixes, memory_fixes
 from runner.plan.measured import measured_outcome, memory_check
-from runner.plan.memory import CAP_SLACK_BYTES, LoraShape, MemoryBreakdown, estimate_memory, lora_targets
+from runner.plan.memory import (AT_LIMIT_SHORT_BYTES, AT_LIMIT_SPARE_BYTES, LoraShape, MemoryBreakdown,
+                                estimate_memory, lora_targets)
 from runner.presets import ModelShape
 from runner.resolved import ResolvedRun, StagePlan
 from runner.spec import Experiment, Job, resolve_shape
@@ -74,6 +76,17 @@ class Plan:
     nodes: int = 1  # hosts, each running `gpus` processes
     parallelism: str = "single"  # single | ddp | fsdp
     parallelism_reason: str = ""  # why DDP or FSDP was picked (empty for one process)
+
+    @property
+    def at_limit(self) -> bool:
+        """Refused for memory the estimate cannot decide: near a full card (``memory.AT_LIMIT_*``)."""
+        return self.memory is not None and self.memory.at_limit
+
+    def said_ok(self) -> str:
+        """The plan's yes or no in a word or two, for tables: yes, no: at limit, no: memory, no: caps."""
+        if self.passes:
+            return "yes"
+        return "no: at limit" if self.at_limit else "no: memory" if not self.fits else "no: caps"
 
 
 def plan_job(job: Job, host: Host | str = "local", *, inventory: Inventory | None = None,
@@ -159,6 +172,14 @@ def _host(host: Host | str, inventory: Inventory | None) -> Host:
 
 def _overrides(job: Job) -> tuple[str, ...]:
     return tuple(job.overrides.values())
+
+
+def _probe_command(job: Job, host: str) -> str:
+    """The `runner probe` line that runs this experiment as planned (its overrides too) on ``host``."""
+    words = ["runner", "probe", host, "--job", job.file, "--experiment", job.name]
+    for override in _overrides(job):
+        words += ["--set", override]
+    return shlex.join(words)
 
 
 def _unknown_hardware(job: Job, host: Host, reason: str) -> Plan:
@@ -249,6 +270,13 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         seq, mb, acc, where = shapes[worst]
         if memory.outcome is not None:
             reasons.append(f"{memory.outcome.said()}{stage}; the estimate needs {need}")
+        elif memory.at_limit:
+            # Measured jobs this close to a full card went either way, each the same way every time it ran.
+            margin = "to spare" if memory.margin_bytes >= 0 else "short"
+            reasons.append(f"at the limit: needs {need}{stage}, {format_bytes(abs(memory.margin_bytes))} {margin}; "
+                           f"within {AT_LIMIT_SPARE_BYTES / 2**30:.2f} GiB to spare and "
+                           f"{AT_LIMIT_SHORT_BYTES / 2**30:.2f} GiB short of a full card the allocator's part-used "
+                           f"pages decide, not the estimate: a probe there settles it: {_probe_command(job, hw.host)}")
         else:
             reasons.append(f"needs {format_bytes(memory.required_bytes)} but {hw.host} has "
                            f"{format_bytes(memory.capacity_bytes)} usable{stage}: {format_bytes(-memory.margin_bytes)} short")
@@ -256,10 +284,6 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
                                   pretrained=pretrained))
     elif memory.outcome is not None and memory.margin_bytes < AUTO_MARGIN * memory.capacity_bytes:
         warnings.append(f"the estimate needs {need}{stage}, and {memory.outcome.said()}")
-    elif memory.device == "cuda" and memory.margin_bytes < CAP_SLACK_BYTES:
-        # Measured jobs this close to a full card went either way, each the same way every time it ran.
-        warnings.append(f"only {format_bytes(memory.margin_bytes)} to spare: this close to a full card the allocator's "
-                        "part-used pages decide, and measured jobs went either way; a run here settles it for this host")
     elif memory.margin_bytes < AUTO_MARGIN * memory.capacity_bytes:
         warnings.append(f"only {format_bytes(memory.margin_bytes)} to spare; the estimate is good to about 10%")
 

@@ -211,7 +211,7 @@ def _cells(p: Plan, marks: str) -> tuple[str, ...]:
 
     if p.memory is None:
         return (p.host, "no: unknown", "-", "-", "-", "-", "-", marks)
-    fits = "yes" if p.passes else ("no: memory" if not p.fits else "no: caps")
+    fits = p.said_ok()
     batches = " / ".join(dict.fromkeys(f"{s.micro_batch}x{s.grad_accum}" for s in p.stages))
     return (p.host, fits, f"{format_bytes(p.memory.peak_bytes)} / {format_bytes(p.memory.capacity_bytes)}",
             batches, f"{p.steps:,}", format_duration(p.seconds), f"${p.cost_usd:,.2f}", marks)
