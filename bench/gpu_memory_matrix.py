@@ -1,8 +1,8 @@
 """Peak memory and step time of the trainer on one GPU, next to the planner's prediction for the same job.
 
     python bench/gpu_memory_matrix.py --part matrix --out gpu-matrix   # 19 jobs, ~12 min on an H200
-    python bench/gpu_memory_matrix.py --part fit24 --out gpu-fit24     # 95 jobs under a 24 GB cap, ~50 s each
-    python bench/gpu_memory_matrix.py --part fit40 --out gpu-fit40     # 83 jobs under a 40 GB cap, ~70 s each
+    python bench/gpu_memory_matrix.py --part fit24 --out gpu-fit24     # 151 jobs under a 24 GB cap, ~50 s each
+    python bench/gpu_memory_matrix.py --part fit40 --out gpu-fit40     # 118 jobs under a 40 GB cap, ~70 s each
     python bench/gpu_memory_matrix.py --part all --dry-run             # the jobs and predictions only, no torch
     python bench/gpu_memory_matrix.py --tiny --device cpu --limit 2 --out x   # a CPU smoke test
     python bench/gpu_memory_matrix.py --replan RESULTS.json ...         # saved results against today's planner
@@ -58,11 +58,15 @@ before it allocates anything, at the profile's usable capacity (memory x usable
 share, what ``Plan.fits`` is checked against) less the context it has just
 made (with ``--shared-gpu``, other processes allocate meanwhile, so its context
 is nvidia-smi's figure for the process alone), the kernels the first step loads
-and one page the allocator may map past its cap (``ALLOCATOR_PAGE_BYTES``). For each base job the planner picks the largest micro-batch it says fits
-and that plus one; a 7B full fine-tune is the clear "does not fit" case, and it
-is only ever tried under a cap. A run fits when it finishes and its
-``peak_bytes`` stays within the capacity; the verdict is right when that agrees
-with ``Plan.fits``. Matrix runs get the same verdict against the whole 80 GB card.
+and one page the allocator may map past its cap (``ALLOCATOR_PAGE_BYTES``).
+For each base job the planner picks the largest micro-batch it says fits,
+those it says are at the limit (``Plan.at_limit``: too near the card for the
+estimate to decide) and the first it says does not fit; a 7B full fine-tune is
+the clear "does not fit" case, and it is only ever tried under a cap. A run fits
+when it finishes and its ``peak_bytes`` stays within the capacity; the verdict
+is right when that agrees with ``Plan.fits``, and a job at the limit has none
+(the table says how it went). Matrix runs get the same verdict against the
+whole 80 GB card.
 
 Step time after a probe, as ``runner probe`` measures a host and
 ``runner.calibration`` plans from it: each matrix run also times steps at a
@@ -87,7 +91,8 @@ summary. Columns: measured and predicted peak (GiB) and the error, the
 micro-batch whose step was predicted from the probes, its measured and
 predicted step time and the error, the error from other shapes alone
 (``near%``), and the verdict: ``ok`` when the
-planner's fits/does-not-fit agrees with the run, ``WRONG`` (with the reason)
+planner's fits/does-not-fit agrees with the run, ``at the limit`` (and how it
+went) where the planner does not decide, ``WRONG`` (with the reason)
 when it does not. Needs torch, transformers, peft and pydantic; not
 ``datasets``, bitsandbytes or torchao.
 """
@@ -102,6 +107,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -367,7 +373,8 @@ def prediction(config: Config, plan: Plan) -> dict:
     m = plan.memory
     assert m is not None  # a catalog profile is never unknown hardware
     return {
-        "profile": plan.profile, "fits": plan.fits, "passes": plan.passes, "reasons": list(plan.reasons),
+        "profile": plan.profile, "fits": plan.fits, "at_limit": plan.at_limit, "passes": plan.passes,
+        "reasons": list(plan.reasons),
         "warnings": list(plan.warnings),
         "peak_bytes": m.peak_bytes, "allocated_bytes": m.allocated_bytes, "required_bytes": m.required_bytes,
         "reserved_bytes": m.allocated_bytes + m.headroom_bytes, "capacity_bytes": m.capacity_bytes,
@@ -609,8 +616,9 @@ def pct(predicted: float | None, measured: float | None) -> float | None:
     return 100 * (predicted - measured) / measured
 
 
-def verdict(predicted_fits: bool, measured: dict, capacity_bytes: int) -> dict:
-    """Does the run fit the (emulated) card, and does the planner agree? Unknown on a CPU or after an error."""
+def verdict(predicted_fits: bool | None, measured: dict, capacity_bytes: int) -> dict:
+    """Does the run fit the (emulated) card, and does the planner agree? Unknown on a CPU or after an error,
+    and when the planner says the job is at the limit (``predicted_fits`` None): there it does not decide."""
     status = measured["status"]
     if status == "oom":
         actual, why = False, "out of memory"
@@ -623,26 +631,31 @@ def verdict(predicted_fits: bool, measured: dict, capacity_bytes: int) -> dict:
     else:
         actual, why = True, "ran within the cap"
     return {"capacity_bytes": capacity_bytes, "predicted_fits": predicted_fits, "actual_fits": actual,
-            "agrees": None if actual is None else actual == predicted_fits, "why": why}
+            "agrees": None if actual is None or predicted_fits is None else actual == predicted_fits, "why": why}
 
 
 def boundary(base: Config, beyond: int = 0, below: int = 0) -> list[Config]:
-    """The largest micro-batch the planner fits on the base's profile and one more (one run when none fits),
-    then ``beyond`` more and ``below`` fewer: where the real boundary lies when the planner is known to be
-    cautious, or optimistic."""
-    def fits(micro_batch: int) -> bool:
-        return plan_for(replace(base, micro_batch=micro_batch), base.profile).fits
+    """The largest micro-batch the planner fits on the base's profile, those it calls at the limit, and the
+    first it says does not fit (one run when none fits), then ``beyond`` more and ``below`` fewer: where the
+    real boundary lies when the planner is known to be cautious, or optimistic."""
+    def plan(micro_batch: int) -> Plan:
+        return plan_for(replace(base, micro_batch=micro_batch), base.profile)
 
-    if not fits(1):
+    def largest(ok: Callable[[Plan], bool]) -> int:
+        low, high = 1, MAX_FIT_MICRO_BATCH
+        while low < high:  # predicted memory grows with the micro-batch
+            mid = (low + high + 1) // 2
+            if ok(plan(mid)):
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    if not plan(1).fits:
         return [replace(base, micro_batch=1)]
-    low, high = 1, MAX_FIT_MICRO_BATCH
-    while low < high:  # predicted memory grows with the micro-batch
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return [replace(base, micro_batch=low + i) for i in range(-min(below, low - 1), 2 + beyond)]
+    low = largest(lambda p: p.fits)
+    high = largest(lambda p: p.fits or p.at_limit) + 1
+    return [replace(base, micro_batch=mb) for mb in range(low - min(below, low - 1), high + 1 + beyond)]
 
 
 def configs_for(part: str, tiny: bool, beyond: int = 0, below: int = 0) -> list[Config]:
@@ -676,7 +689,8 @@ def record(part: str, config: Config, measured: dict | None) -> dict:
         "step_probed": None,
         "step_nearest": None,
     }
-    entry["verdict"] = verdict(predicted["fits"], measured, predicted["capacity_bytes"])
+    entry["verdict"] = verdict(None if predicted["at_limit"] else predicted["fits"], measured,
+                               predicted["capacity_bytes"])
     return entry
 
 
@@ -767,6 +781,9 @@ def summarize(entries: list[dict]) -> dict:
         "step_nearest_compared": len(nearest),
         "verdicts_checked": len(verdicts), "wrong_verdicts": [e["name"] for e in entries
                                                              if e.get("verdict") and e["verdict"]["agrees"] is False],
+        "at_limit": [(e["name"], e["verdict"]["actual_fits"]) for e in entries
+                     if e.get("verdict") and e["verdict"]["predicted_fits"] is None
+                     and e["verdict"]["actual_fits"] is not None],
     }
 
 
@@ -785,9 +802,11 @@ def table(entries: list[dict]) -> str:
         probed = e.get("predicted_probed") or {}
         v = e.get("verdict")
         if not m:
-            shown = f"not run (predicted {'fit' if p['fits'] else 'no fit'})"
+            shown = f"not run (predicted {'at the limit' if p.get('at_limit') else 'fit' if p['fits'] else 'no fit'})"
         elif m["status"] in ("error", "timeout"):
             shown = f"{m['status']}: {m.get('error', '')}"[:60]
+        elif v is not None and v["predicted_fits"] is None and v["actual_fits"] is not None:
+            shown = f"at the limit ({'ran' if v['actual_fits'] else v['why']})"
         elif v is None or v["agrees"] is None:
             shown = f"- ({v['why'] if v else 'n/a'})"
         elif v["agrees"]:
@@ -810,7 +829,9 @@ def report_line(summary: dict, device: str | None) -> str:
             f"(worst {fmt(s['peak_error_pct_max_abs'], '.1f')}%); probed step time within 15%: "
             f"{s['step_within_15pct']}/{s['step_compared']} out of sample (from other shapes alone: "
             f"{s['step_nearest_within_15pct']}/{s['step_nearest_compared']}); wrong verdicts: {len(s['wrong_verdicts'])}"
-            f"/{s['verdicts_checked']}; oom {s['oom']}; failed {len(s['failed'])}; not run {len(s['not_run'])}")
+            f"/{s['verdicts_checked']} (at the limit, undecided: {len(s['at_limit'])}, "
+            f"{sum(ran for _, ran in s['at_limit'])} of them ran); oom {s['oom']}; failed {len(s['failed'])}; "
+            f"not run {len(s['not_run'])}")
 
 
 def replan(paths: list[Path], out: Path | None) -> None:
