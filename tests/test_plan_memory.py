@@ -457,3 +457,21 @@ def test_bf16_on_a_v100_is_refused_with_a_precision_fix(tmp_path):
     plan = plan_job(job, "v", inventory=v100)
     assert not plan.passes and "bf16 is not supported on v100-32gb" in plan.reasons[0]
     assert plan.fixes[0].sets == ("train.precision=fp16",)
+
+
+def test_a_curriculum_stage_at_the_limit_is_settled_by_a_run_not_a_probe(tmp_path):
+    # A probe trains one shape: a curriculum's stages are settled by a run that reaches the end.
+    job = job_from(tmp_path, """\
+name: stages
+model: factorized-197m
+data: {sources: [{path: d.txt}]}
+train: {precision: bf16, compile: true, gradient_checkpointing: true}
+curriculum:
+  - {seq_len: 512, batch_size: 16, share: 0.5}
+  - {seq_len: 1024, batch_size: 212, share: 0.5}
+budget: {tokens: 10M}
+""")
+    plan = plan_job(job, "rtx4090", inventory=INVENTORY)
+    assert plan.at_limit and not plan.passes
+    (reason,) = plan.reasons
+    assert "(stage at seq_len 1024)" in reason and reason.endswith("a run there that runs to the end settles it (--force)")

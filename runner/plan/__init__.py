@@ -273,10 +273,13 @@ def _plan(job: Job, shape: ModelShape, hw: Hardware, throughput: ThroughputSourc
         elif memory.at_limit:
             # Measured jobs this close to a full card went either way, each the same way every time it ran.
             margin = "to spare" if memory.margin_bytes >= 0 else "short"
+            # A probe trains one shape; a curriculum's run settles every stage when it runs to the end.
+            settle = ("a run there that runs to the end settles it (--force)" if spec.curriculum
+                      else f"a probe there settles it: {_probe_command(job, hw.host)}")
             reasons.append(f"at the limit: needs {need}{stage}, {format_bytes(abs(memory.margin_bytes))} {margin}; "
                            f"within {AT_LIMIT_SPARE_BYTES / 2**30:.2f} GiB to spare and "
                            f"{AT_LIMIT_SHORT_BYTES / 2**30:.2f} GiB short of a full card the allocator's part-used "
-                           f"pages decide, not the estimate: a probe there settles it: {_probe_command(job, hw.host)}")
+                           f"pages decide, not the estimate: {settle}")
         else:
             reasons.append(f"needs {format_bytes(memory.required_bytes)} but {hw.host} has "
                            f"{format_bytes(memory.capacity_bytes)} usable{stage}: {format_bytes(-memory.margin_bytes)} short")
