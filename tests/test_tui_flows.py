@@ -6,7 +6,7 @@ import paramiko
 import pytest
 from test_tui_world import REPO, fill_store, screen_text, settle, world  # noqa: F401  (world is a fixture)
 
-from tui.app import RunnerApp
+from tui.app import JobChoice, RunnerApp
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -298,6 +298,40 @@ async def test_dispatch_quickstart_to_local_cancel_resume_watch_it_finish_and_co
         assert "quickstart  local" in text and "cheapest to reach" in text, text
     run = _store_runs_at(tmp_path / "runs.db")[0]
     assert (run.state, run.attempt) == ("succeeded", 2) and run.reason.startswith("budget_reached")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_probe_runs_the_planned_job_on_the_host_and_the_plan_is_calibrated_by_it(tmp_path, monkeypatch):
+    # What settles a plan at the limit of a GPU (its outcome decides there), and calibrates its time anywhere.
+    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "runner-home"))
+    hosts_file = tmp_path / "hosts.yaml"
+    hosts_file.write_text("hosts:\n  local:\n    profile: cpu\n")
+    from tui.app import Settings
+
+    app = RunnerApp(Settings(jobs_dir=REPO / "jobs", hosts_file=hosts_file, store_path=tmp_path / "runs.db",
+                             sets=("backend=native",)))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await settle(pilot)
+        app.choose_job(JobChoice(REPO / "jobs" / "quickstart.yaml"))
+        await settle(pilot)
+        assert app.screen.plans["local"].throughput_source.startswith("catalog default")
+        await pilot.press("p")
+        for _ in range(900):  # three short runs (its micro-batch, half and a quarter), then the plan is made again
+            await pilot.pause(0.2)
+            if app.screen.plans["local"].throughput_source.startswith("calibrated from 3 probes on local"):
+                break
+        assert app.screen.plans["local"].throughput_source.startswith("calibrated from 3 probes on local")
+    from runner import capacity
+    from runner.store import Store
+
+    store = Store.open(tmp_path / "runs.db")
+    try:
+        assert sorted(o.micro_batch for o in capacity.probe_observations(store)) == [4, 8, 16]
+    finally:
+        store.close()
 
 
 def _store_runs(world) -> list:  # noqa: F811

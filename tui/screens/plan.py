@@ -1,6 +1,8 @@
-"""Plan: the selected job on every host side by side, the memory breakdown of one, and dispatch."""
+"""Plan: the selected job on every host side by side, the memory breakdown of one, dispatch and probe."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
@@ -27,6 +29,7 @@ class PlanScreen(Screen):
 
     BINDINGS = [
         Binding("d", "dispatch", "Dispatch"),
+        Binding("p", "probe", "Probe"),
         Binding("x", "next_experiment", "Next experiment"),
         Binding("r", "replan", "Replan"),
     ]
@@ -40,6 +43,11 @@ class PlanScreen(Screen):
         def __init__(self, run_id: str | None, error: str | None):
             super().__init__()
             self.run_id, self.error = run_id, error
+
+    class Probed(Message):
+        def __init__(self, host: str, error: str | None):
+            super().__init__()
+            self.host, self.error = host, error
 
     class Said(Message):
         """A progress line from the core while it launches a run (building an image, starting)."""
@@ -75,6 +83,8 @@ class PlanScreen(Screen):
 
     @work(thread=True, exclusive=True, group="plan")
     def plan(self) -> None:
+        """Plan the chosen job on every host, calibrated by the runs and probes in the app's store."""
+        from runner.calibration import Calibration
         from runner.plan import plan_hosts
         from runner.spec import check_job, load_jobs
 
@@ -88,7 +98,12 @@ class PlanScreen(Screen):
             errors = check_job(job, inventory.names)
             if errors:
                 raise UserErrors(errors)
-            plans = plan_hosts(job, inventory.names, inventory=inventory)
+            store = self.app.open_store()
+            try:
+                calibration = Calibration.from_store(store)
+            finally:
+                store.close()
+            plans = plan_hosts(job, inventory.names, inventory=inventory, throughput=calibration)
         except (UserError, UserErrors) as exc:
             errors = exc.errors if isinstance(exc, UserErrors) else [exc]
             self.post_message(self.Planned(None, [], [], "\n".join(e.render() for e in errors)))
@@ -179,6 +194,40 @@ class PlanScreen(Screen):
         finally:
             store.close()
         self.post_message(self.Dispatched(run.id, None))
+
+    def action_probe(self) -> None:
+        plan = self._current()
+        if plan is None or self.job is None:
+            return
+        if plan.profile is None:
+            self.notify("; ".join(plan.reasons), title=f"{plan.host} cannot be probed yet", severity="error")
+            return
+        self.notify(f"probing {self.job.name} on {plan.host}: its micro-batch, then half and a quarter of it…")
+        self.probe(self.job, plan.host)
+
+    @work(thread=True, group="probe")
+    def probe(self, job: Job, host: str) -> None:
+        """`runner probe HOST --job FILE` for the job on screen: what settles a plan at the limit, and calibrates it."""
+        from runner import capacity
+
+        store = self.app.open_store()
+        try:
+            found = capacity.probe_experiment(store, host, Path(job.file), experiment=job.name,
+                                              sets=list(self.app.settings.sets), inventory=self.app.load_inventory(),
+                                              say=lambda text: self.post_message(self.Said(text)))
+        except (UserError, UserErrors) as exc:
+            errors = exc.errors if isinstance(exc, UserErrors) else [exc]
+            self.post_message(self.Probed(host, "\n".join(e.render() for e in errors)))
+            return
+        finally:
+            store.close()
+        self.post_message(self.Probed(host, None if found[0].stable else found[0].detail))
+
+    def on_plan_screen_probed(self, message: Probed) -> None:
+        if message.error:
+            self.notify(message.error, title=f"the probe on {message.host} did not run cleanly", severity="error",
+                        timeout=10)
+        self.plan()  # what the probe measured decides the plan there from now on, out of memory included
 
     def on_plan_screen_said(self, message: Said) -> None:
         self.notify(message.text, timeout=8)
