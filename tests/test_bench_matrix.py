@@ -74,7 +74,7 @@ def test_fit_checks_take_the_largest_batch_the_planner_fits_those_at_the_limit_a
     assert len(full_7b) == 1 and not bench.plan_for(full_7b[0], profile).fits
 
 
-def test_a_boundary_can_be_widened_above_and_below_the_planners_pair():
+def test_a_boundary_can_be_widened_above_and_below_what_the_planner_draws():
     base = bench.replace(bench.fit_bases("fit24")[0], micro_batch=1)
     drawn = [c.micro_batch for c in bench.boundary(base)]
     assert [c.micro_batch for c in bench.boundary(base, beyond=1, below=2)] == list(range(drawn[0] - 2, drawn[-1] + 2))
