@@ -291,11 +291,12 @@ def _count(observations: Sequence[Observation]) -> str:
     return " and ".join(parts)
 
 
-def default_calibration() -> Calibration | None:
-    """The calibration from the default run store, or None when no run was ever recorded here."""
+def default_calibration(path: Path | None = None) -> Calibration | None:
+    """The calibration from the run store at ``path`` (default: the default store), or None when no run was
+    ever recorded there; a store that is not there is not made."""
     from runner.store import Store, default_store_path
 
-    path = default_store_path()
+    path = path or default_store_path()
     if not path.is_file():
         return None
     store = Store.open(path)

@@ -341,12 +341,13 @@ def _probe_one(store: Store, job_file: Path, host: str, *, label: str, shape: Mo
                sets: Sequence[str] = ()) -> ProbeResult:
     """Run one probe through the dispatch path, record it in the ``probes`` table, and say how it went."""
     from runner import dispatch
+    from runner.calibration import Calibration
 
     base = dict(host=host, profile=hw.profile.id, model=label, shape=shape, seq_len=seq_len,
                 capacity_bytes=hw.capacity_bytes, probed_at=time.time())
     try:
         prepared = dispatch.prepare(job_file, experiment=experiment, host=host, sets=list(sets), backend=backend,
-                                    inventory=inventory, settle=True)[0]
+                                    inventory=inventory, settle=True, throughput=Calibration.from_store(store))[0]
     except UserError as exc:
         if exc.exit_code != EXIT_REFUSED:
             raise

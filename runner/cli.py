@@ -479,14 +479,18 @@ def report_runs(args: argparse.Namespace, store: Any, runs: list) -> int:
          *SET_ARGS, *WAIT_ARGS, *STORE_ARGS)
 def run_job(args: argparse.Namespace) -> int:
     from runner import dispatch
+    from runner.calibration import Calibration, default_calibration
     from runner.hosts import load_inventory
 
     inventory = load_inventory(args.hosts_file)
     if args.hosts or len(args.job) > 1:
         return run_spread(args, inventory)
+    throughput = None  # planned with the measurements of the store the run goes into: by default, the default's
+    if args.store:
+        throughput = default_calibration(Path(args.store)) or Calibration(())
     prepared = dispatch.prepare(args.job[0], experiment=args.experiment, host=args.host, sets=args.sets,
-                                force=args.force, backend=args.backend, inventory=inventory)
-    store = open_store(args)
+                                force=args.force, backend=args.backend, inventory=inventory, throughput=throughput)
+    store = open_store(args)  # only once the job is accepted: a refusal leaves no store behind
     runs = []
     try:
         for prep in prepared:  # one after another when waiting, so runs do not share the device

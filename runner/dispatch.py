@@ -65,7 +65,7 @@ class Prepared:
 def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = "local",
             sets: list[str] | None = None, force: bool = False, backend: str | None = None,
             inventory: Inventory | None = None, node_hosts: list[str] | None = None,
-            settle: bool = False) -> list[Prepared]:
+            settle: bool = False, throughput: Calibration | None = None) -> list[Prepared]:
     """Check and plan every experiment of a job file; raise before anything starts.
 
     An experiment with ``train.nodes`` above 1 runs on the first ``nodes`` of
@@ -74,6 +74,8 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
     file, UserError with exit 3 when the planner refuses an experiment and
     ``force`` is not set. ``settle``: a probe, which runs a job refused only for
     being at the card's limit, since its outcome is what decides that.
+    ``throughput``: the measurements of the store the run goes into (default: the
+    default store's, as `runner plan` reads them).
     """
     inventory = inventory or load_inventory()
     target = inventory.get(host)
@@ -87,7 +89,8 @@ def prepare(job_file: str | Path, *, experiment: str | None = None, host: str = 
     if errors:
         raise UserErrors(errors)
     prepared = []
-    throughput = default_calibration()  # the same measured figures `runner plan` uses
+    if throughput is None:
+        throughput = default_calibration()  # the same measured figures `runner plan` uses
     for job in jobs:
         nodes = job.spec.train.nodes
         spread_over = list((node_hosts or job.spec.hosts)[:nodes]) if nodes > 1 else []
@@ -705,6 +708,7 @@ def spread(store: Store, job_files: list[str | Path], hosts: list[str], *, exper
     fits nowhere.
     """
     inventory = inventory or load_inventory()
+    throughput = Calibration.from_store(store)
     free = {name: free_slots(store, inventory.get(name)) for name in dict.fromkeys(hosts)}
     placed: list[Prepared] = []
     for job_file in job_files:
@@ -715,7 +719,7 @@ def spread(store: Store, job_files: list[str | Path], hosts: list[str], *, exper
             name = job.name
             if job.spec.train.nodes > 1:  # one run over the hosts, in the order given
                 (prep,) = prepare(job_file, experiment=name, sets=sets, force=force, backend=backend,
-                                  inventory=inventory, node_hosts=list(free))
+                                  inventory=inventory, node_hosts=list(free), throughput=throughput)
                 busy = [h for h in prep.resolved.experiment.hosts if free[h] < prep.resolved.gpus]
                 if busy:
                     raise UserError(f"{name} runs on {', '.join(prep.resolved.experiment.hosts)}, and "
@@ -731,7 +735,7 @@ def spread(store: Store, job_files: list[str | Path], hosts: list[str], *, exper
                     continue
                 try:
                     (prep,) = prepare(job_file, experiment=name, host=host, sets=sets, force=force,
-                                      backend=backend, inventory=inventory)
+                                      backend=backend, inventory=inventory, throughput=throughput)
                 except UserError as exc:
                     if exc.exit_code != EXIT_REFUSED:
                         raise

@@ -221,3 +221,20 @@ def test_a_probe_runs_a_job_refused_only_for_being_at_the_limit_and_nothing_else
     with pytest.raises(UserError, match="over max_cost_usd"):
         dispatch.prepare(job_file, experiment="fin-news", host="rtx4090", inventory=INVENTORY, settle=True,
                          sets=[*sets[:1], "budget.max_cost_usd=0.01", *sets[2:]])
+
+
+def test_runner_run_with_a_store_is_judged_by_that_stores_runs(tmp_home, capsys):
+    # The run goes into --store, and what that store measured decides it: not the default store's (empty here).
+    elsewhere = tmp_home / "other-runs.db"
+    store = Store.open(elsewhere)
+    run_id = record(store, 16, "failed", "the trainer exited with code 1: out of memory in step 1 (micro-batch 16 "
+                                         "at seq 1024): CUDA out of memory. Tried to allocate 2.00 GiB.")
+    store.close()
+    argv = ["--hosts-file", str(ROOT / "hosts.yaml"), "run", str(ROOT / "jobs" / "fin-cpt-4090.yaml"),
+            "--experiment", "fin-news", "--host", "rtx4090", "--store", str(elsewhere), "--detach",
+            "--set", "train.gradient_checkpointing=true", "--set", "budget.max_cost_usd=null",
+            "--set", "train.batch_size=16"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert f"micro-batch 16 ran out of memory on rtx4090 (run {run_id})" in err and "Traceback" not in err
+    assert not default_store_path().exists()  # nothing was recorded anywhere else either

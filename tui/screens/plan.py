@@ -180,12 +180,14 @@ class PlanScreen(Screen):
     @work(thread=True, group="dispatch")
     def dispatch(self, job: Job, plan: Plan) -> None:
         from runner import dispatch
+        from runner.calibration import Calibration
 
         store = self.app.open_store()
         try:
             inventory = self.app.load_inventory()
             prepared = dispatch.prepare(job.file, experiment=job.name, host=plan.host,
-                                        sets=list(self.app.settings.sets), inventory=inventory)
+                                        sets=list(self.app.settings.sets), inventory=inventory,
+                                        throughput=Calibration.from_store(store))
             run = dispatch.launch(store, prepared[0], say=lambda text: self.post_message(self.Said(text)))
         except (UserError, UserErrors) as exc:
             errors = exc.errors if isinstance(exc, UserErrors) else [exc]
