@@ -253,6 +253,19 @@ async def _wait_for(pilot, text: str, timeout_s: float) -> str:
     return screen
 
 
+def app_on_this_machine(tmp_path, monkeypatch, *sets: str) -> RunnerApp:
+    """The app over the repository's jobs, with local as the only host and a fresh store, under --set ``sets``."""
+    from tui.app import Settings
+
+    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "runner-home"))
+    hosts_file = tmp_path / "hosts.yaml"
+    hosts_file.write_text("hosts:\n  local:\n    profile: cpu\n")
+    return RunnerApp(Settings(jobs_dir=REPO / "jobs", hosts_file=hosts_file, store_path=tmp_path / "runs.db",
+                              sets=sets))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_dispatch_quickstart_to_local_cancel_resume_watch_it_finish_and_compare_it(tmp_path, monkeypatch):
@@ -263,15 +276,7 @@ async def test_dispatch_quickstart_to_local_cancel_resume_watch_it_finish_and_co
     the first logged step (logged every 2 of 15), so the resume continues from the
     checkpoint the cancel wrote.
     """
-    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-        monkeypatch.setenv(name, str(tmp_path / name.lower()))
-    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "runner-home"))
-    hosts_file = tmp_path / "hosts.yaml"
-    hosts_file.write_text("hosts:\n  local:\n    profile: cpu\n")
-    from tui.app import Settings
-
-    app = RunnerApp(Settings(jobs_dir=REPO / "jobs", hosts_file=hosts_file, store_path=tmp_path / "runs.db",
-                             sets=("budget.tokens=30k", "backend=native", "train.log_every_steps=2")))
+    app = app_on_this_machine(tmp_path, monkeypatch, "budget.tokens=30k", "backend=native", "train.log_every_steps=2")
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot)
         options = app.screen.query_one("OptionList")
@@ -304,15 +309,7 @@ async def test_dispatch_quickstart_to_local_cancel_resume_watch_it_finish_and_co
 @pytest.mark.timeout(240)
 async def test_probe_runs_the_planned_job_on_the_host_and_the_plan_is_calibrated_by_it(tmp_path, monkeypatch):
     # What settles a plan at the limit of a GPU (its outcome decides there), and calibrates its time anywhere.
-    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-        monkeypatch.setenv(name, str(tmp_path / name.lower()))
-    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "runner-home"))
-    hosts_file = tmp_path / "hosts.yaml"
-    hosts_file.write_text("hosts:\n  local:\n    profile: cpu\n")
-    from tui.app import Settings
-
-    app = RunnerApp(Settings(jobs_dir=REPO / "jobs", hosts_file=hosts_file, store_path=tmp_path / "runs.db",
-                             sets=("backend=native",)))
+    app = app_on_this_machine(tmp_path, monkeypatch, "backend=native")
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(pilot)
         app.choose_job(JobChoice(REPO / "jobs" / "quickstart.yaml"))
