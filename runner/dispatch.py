@@ -311,7 +311,16 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def finish(store: Store, run: Run, status: Status) -> Run:
-    """Record how a trainer that is no longer running ended, from its exit code and summary.json."""
+    """Record how a trainer that is no longer running ended, from its exit code and summary.json.
+
+    ``run`` is read again first: a follower may have read it before a cancel from
+    another process began, and the cancel is what makes the trainer's exit a
+    cancellation by the user rather than a signal from outside the runner.
+    """
+    current = store.get(run.id)
+    if current.state in TERMINAL or current.handle != run.handle:
+        return current  # another runner recorded the end first, or a new attempt runs
+    run = current
     run_dir = Path(run.run_dir)
     backend = backend_for(run.backend)
     if run.handle:

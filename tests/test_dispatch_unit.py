@@ -121,6 +121,17 @@ def test_how_an_ended_trainer_is_judged(store, monkeypatch, status, summary, sta
     assert done.state == state and words in done.reason
 
 
+def test_a_trainer_stopped_by_a_cancel_from_another_process_is_recorded_as_the_users_cancel(store, monkeypatch):
+    # A follower read the run while it was running; then `runner cancel` elsewhere began stopping it.
+    backend = FakeBackend(Status(False, 0), CANCELLED)
+    run = running_run(store, backend, monkeypatch)
+    followed = store.get(run.id)
+    store.transition(run.id, "stopping", "cancelled by the user", expect={"running"})
+    backend.stop("c0ffee")
+    done = dispatch.finish(store, followed, backend.poll("c0ffee", Path(run.run_dir)))
+    assert done.state == "cancelled" and done.reason == "cancelled by the user (checkpoint checkpoints/step-0000012)"
+
+
 def test_reconcile_reads_measurements_from_summary_json(store, monkeypatch):
     backend = FakeBackend(Status(False, 0))
     run = running_run(store, backend, monkeypatch)
