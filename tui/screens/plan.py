@@ -84,7 +84,7 @@ class PlanScreen(Screen):
     @work(thread=True, exclusive=True, group="plan")
     def plan(self) -> None:
         """Plan the chosen job on every host, calibrated by the runs and probes in the app's store."""
-        from runner.calibration import Calibration
+        from runner.calibration import default_calibration
         from runner.plan import plan_hosts
         from runner.spec import check_job, load_jobs
 
@@ -98,11 +98,7 @@ class PlanScreen(Screen):
             errors = check_job(job, inventory.names)
             if errors:
                 raise UserErrors(errors)
-            store = self.app.open_store()
-            try:
-                calibration = Calibration.from_store(store)
-            finally:
-                store.close()
+            calibration = default_calibration(self.app.settings.store_path)  # planning makes no store
             plans = plan_hosts(job, inventory.names, inventory=inventory, throughput=calibration)
         except (UserError, UserErrors) as exc:
             errors = exc.errors if isinstance(exc, UserErrors) else [exc]
